@@ -1,0 +1,1 @@
+"""The pure domain: key model, lifecycle rules and authorisation policy. No I/O in here."""

@@ -1,0 +1,323 @@
+"""The key model: keys, numbered versions and the rules for which version may sign.
+
+Everything here is pure: no I/O, no clock reads, no randomness. State changes are functions that
+return a new immutable ``Key``; the caller persists the result with a compare-and-swap and drops
+it if the swap loses (Vault's ``RotateInMemory`` then ``Rotate``).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kms.errors import FailedPrecondition, InvalidArgument, NotFound
+
+KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RECORD_SCHEMA = 1
+
+
+class Algorithm(enum.Enum):
+    """Signing algorithms an HSM key can have. The value is the wire and storage name."""
+
+    ECDSA_P256_SHA256 = "ecdsa-p256-sha256"
+    ED25519 = "ed25519"
+    RSA_PSS_3072_SHA256 = "rsa-pss-3072-sha256"
+
+    @classmethod
+    def parse(cls, name: str) -> Algorithm:
+        """Accept the canonical name or the short CLI form (``ecdsa-p256``, ``rsa-pss-3072``)."""
+        normalized = name.strip().lower()
+        for algorithm in cls:
+            if normalized in (algorithm.value, algorithm.short_name):
+                return algorithm
+        choices = ", ".join(a.short_name for a in cls)
+        raise InvalidArgument(f"unknown key algorithm {name!r}; use one of: {choices}")
+
+    @property
+    def short_name(self) -> str:
+        return {
+            Algorithm.ECDSA_P256_SHA256: "ecdsa-p256",
+            Algorithm.ED25519: "ed25519",
+            Algorithm.RSA_PSS_3072_SHA256: "rsa-pss-3072",
+        }[self]
+
+    @property
+    def digest_algorithms(self) -> frozenset[DigestAlgorithm]:
+        """Digest algorithms this key signs. ECDSA and RSA-PSS are bound to SHA-256 by name;
+        Ed25519 signs the digest bytes as its message, so any supported digest works."""
+        if self is Algorithm.ED25519:
+            return frozenset(DigestAlgorithm)
+        return frozenset({DigestAlgorithm.SHA256})
+
+    @property
+    def wrappable(self) -> bool:
+        """Whether the HSM can export this key wrapped (SoftHSM cannot wrap EdDSA keys)."""
+        return self is not Algorithm.ED25519
+
+
+class DigestAlgorithm(enum.Enum):
+    SHA256 = "sha256"
+    SHA384 = "sha384"
+    SHA512 = "sha512"
+
+    @property
+    def size(self) -> int:
+        return {DigestAlgorithm.SHA256: 32, DigestAlgorithm.SHA384: 48, DigestAlgorithm.SHA512: 64}[
+            self
+        ]
+
+    @classmethod
+    def parse(cls, name: str) -> DigestAlgorithm:
+        try:
+            return cls(name.strip().lower())
+        except ValueError:
+            choices = ", ".join(d.value for d in cls)
+            raise InvalidArgument(
+                f"unknown digest algorithm {name!r}; use one of: {choices}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A digest to be signed, checked for a known algorithm and the right length."""
+
+    algorithm: DigestAlgorithm
+    value: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.value) != self.algorithm.size:
+            raise InvalidArgument(
+                f"a {self.algorithm.value} digest is {self.algorithm.size} bytes, "
+                f"got {len(self.value)}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        """Parse ``sha256:<hex>`` as used by OCI and the CLI."""
+        algorithm_name, sep, hex_value = text.partition(":")
+        if not sep:
+            raise InvalidArgument(f"digest {text!r} must look like sha256:<hex>")
+        algorithm = DigestAlgorithm.parse(algorithm_name)
+        try:
+            value = bytes.fromhex(hex_value)
+        except ValueError:
+            raise InvalidArgument(f"digest {text!r} is not hexadecimal after the colon") from None
+        return cls(algorithm, value)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm.value}:{self.value.hex()}"
+
+
+class Replication(enum.Enum):
+    MULTI_REGION = "multi-region"
+    REGIONAL = "regional"
+
+    @classmethod
+    def parse(cls, name: str) -> Replication:
+        try:
+            return cls(name.strip().lower())
+        except ValueError:
+            raise InvalidArgument(
+                f"unknown replication {name!r}; use multi-region or regional"
+            ) from None
+
+
+class VersionState(enum.Enum):
+    ACTIVE = "ACTIVE"
+    RETIRED = "RETIRED"
+    DISABLED = "DISABLED"
+    DESTROY_SCHEDULED = "DESTROY_SCHEDULED"
+    DESTROYED = "DESTROYED"
+    REVOKED = "REVOKED"
+
+
+def key_id_for(public_key_der: bytes) -> str:
+    """The key id: hex SHA-256 of the DER SubjectPublicKeyInfo."""
+    return hashlib.sha256(public_key_der).hexdigest()
+
+
+def validate_key_name(name: str) -> str:
+    if not KEY_NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"key name {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    """One numbered version of a key: one key pair in the HSM."""
+
+    number: int
+    state: VersionState
+    public_key_der: bytes
+    hsm_id: bytes
+    created_at: float
+    state_changed_at: float
+    key_id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.number < 1:
+            raise ValueError(f"version numbers start at 1, got {self.number}")
+        if not self.key_id:
+            object.__setattr__(self, "key_id", key_id_for(self.public_key_der))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "state": self.state.value,
+            "public_key_der": base64.b64encode(self.public_key_der).decode(),
+            "hsm_id": self.hsm_id.hex(),
+            "created_at": self.created_at,
+            "state_changed_at": self.state_changed_at,
+            "key_id": self.key_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KeyVersion:
+        return cls(
+            number=int(data["number"]),
+            state=VersionState(data["state"]),
+            public_key_der=base64.b64decode(data["public_key_der"]),
+            hsm_id=bytes.fromhex(data["hsm_id"]),
+            created_at=float(data["created_at"]),
+            state_changed_at=float(data["state_changed_at"]),
+            key_id=str(data["key_id"]),
+        )
+
+
+@dataclass(frozen=True)
+class Key:
+    """A named key with numbered versions. Exactly one ACTIVE version is primary."""
+
+    name: str
+    algorithm: Algorithm
+    replication: Replication
+    versions: tuple[KeyVersion, ...]
+    primary_version: int
+    min_sign_version: int
+    created_at: float
+    rotation_period_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_key_name(self.name)
+        numbers = [v.number for v in self.versions]
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"key {self.name}: versions must be 1..n in order, got {numbers}")
+        if self.versions and not 1 <= self.primary_version <= len(self.versions):
+            raise ValueError(f"key {self.name}: primary version {self.primary_version} missing")
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        name: str,
+        algorithm: Algorithm,
+        replication: Replication,
+        public_key_der: bytes,
+        hsm_id: bytes,
+        now: float,
+        rotation_period_seconds: int | None = None,
+    ) -> Key:
+        """A new key whose version 1 is the given HSM key pair, ACTIVE and primary."""
+        validate_key_name(name)
+        if replication is Replication.MULTI_REGION and not algorithm.wrappable:
+            raise InvalidArgument(
+                f"{algorithm.short_name} keys cannot be wrapped by the HSM, so they can only be "
+                "regional; create it with replication 'regional'"
+            )
+        if rotation_period_seconds is not None and rotation_period_seconds <= 0:
+            raise InvalidArgument("rotation period must be a positive number of seconds")
+        version = KeyVersion(
+            number=1,
+            state=VersionState.ACTIVE,
+            public_key_der=public_key_der,
+            hsm_id=hsm_id,
+            created_at=now,
+            state_changed_at=now,
+        )
+        return cls(
+            name=name,
+            algorithm=algorithm,
+            replication=replication,
+            versions=(version,),
+            primary_version=1,
+            min_sign_version=1,
+            created_at=now,
+            rotation_period_seconds=rotation_period_seconds,
+        )
+
+    def version(self, number: int) -> KeyVersion:
+        """The version with this number; raises ``NotFound``."""
+        if 1 <= number <= len(self.versions):
+            return self.versions[number - 1]
+        raise NotFound(f"key {self.name!r} has no version {number} (latest is {len(self.versions)})")
+
+    @property
+    def primary(self) -> KeyVersion:
+        return self.version(self.primary_version)
+
+    def signing_version(self, requested: int | None, digest: Digest) -> KeyVersion:
+        """The version that signs this digest: the primary one unless a version is requested.
+
+        Raises ``InvalidArgument`` for a digest algorithm the key does not sign, ``NotFound`` for
+        a missing version, ``FailedPrecondition`` for a version that is not ACTIVE or is below
+        ``min_sign_version``.
+        """
+        if digest.algorithm not in self.algorithm.digest_algorithms:
+            allowed = ", ".join(sorted(d.value for d in self.algorithm.digest_algorithms))
+            raise InvalidArgument(
+                f"key {self.name!r} ({self.algorithm.value}) signs {allowed} digests, "
+                f"not {digest.algorithm.value}"
+            )
+        version = self.primary if requested is None or requested == 0 else self.version(requested)
+        if version.state is not VersionState.ACTIVE:
+            raise FailedPrecondition(
+                f"key {self.name!r} version {version.number} is {version.state.value} and "
+                "cannot sign; use the primary version"
+                f" ({self.primary_version})"
+            )
+        if version.number < self.min_sign_version:
+            raise FailedPrecondition(
+                f"key {self.name!r} version {version.number} is below the minimum signing "
+                f"version {self.min_sign_version}"
+            )
+        return version
+
+    def with_versions(self, versions: tuple[KeyVersion, ...], **changes: Any) -> Key:
+        return replace(self, versions=versions, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": RECORD_SCHEMA,
+            "name": self.name,
+            "algorithm": self.algorithm.value,
+            "replication": self.replication.value,
+            "versions": [v.to_dict() for v in self.versions],
+            "primary_version": self.primary_version,
+            "min_sign_version": self.min_sign_version,
+            "created_at": self.created_at,
+            "rotation_period_seconds": self.rotation_period_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Key:
+        if data.get("schema") != RECORD_SCHEMA:
+            raise ValueError(f"unsupported key record schema {data.get('schema')!r}")
+        period = data.get("rotation_period_seconds")
+        return cls(
+            name=str(data["name"]),
+            algorithm=Algorithm(data["algorithm"]),
+            replication=Replication(data["replication"]),
+            versions=tuple(KeyVersion.from_dict(v) for v in data["versions"]),
+            primary_version=int(data["primary_version"]),
+            min_sign_version=int(data["min_sign_version"]),
+            created_at=float(data["created_at"]),
+            rotation_period_seconds=None if period is None else int(period),
+        )

@@ -1,0 +1,110 @@
+"""The access policy: which caller identities may sign with which keys, and who administers.
+
+A policy is a small document, applied from YAML or JSON with ``signet policy apply FILE`` and
+stored in etcd::
+
+    version: 1
+    bindings:
+      - identity: spiffe://signet.dev/pipeline/*   # fnmatch pattern over the URI SAN
+        sign: ["release-*", "ci"]                  # key-name patterns this identity may use
+      - identity: spiffe://signet.dev/admin
+        admin: true                                # may create keys and change the policy
+
+Anything a binding does not grant is denied.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kms.errors import InvalidArgument, PermissionDenied
+
+POLICY_VERSION = 1
+_BINDING_FIELDS = frozenset({"identity", "sign", "admin", "description"})
+
+
+@dataclass(frozen=True)
+class Binding:
+    identity: str
+    sign: tuple[str, ...] = ()
+    admin: bool = False
+    description: str = ""
+
+    def matches(self, identity: str) -> bool:
+        return fnmatch.fnmatchcase(identity, self.identity)
+
+    def may_sign(self, key_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(key_name, pattern) for pattern in self.sign)
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    bindings: tuple[Binding, ...]
+
+    def check_sign(self, identity: str, key_name: str) -> None:
+        """Raise ``PermissionDenied`` unless some binding lets ``identity`` sign with the key."""
+        if not any(b.matches(identity) and b.may_sign(key_name) for b in self.bindings):
+            raise PermissionDenied(
+                f"identity {identity!r} may not sign with key {key_name!r}; "
+                "ask an administrator to add a binding to the access policy"
+            )
+
+    def check_admin(self, identity: str) -> None:
+        """Raise ``PermissionDenied`` unless some binding makes ``identity`` an administrator."""
+        if not any(b.matches(identity) and b.admin for b in self.bindings):
+            raise PermissionDenied(
+                f"identity {identity!r} may not administer keys or policy; "
+                "an administrator binding (admin: true) is required"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": POLICY_VERSION,
+            "bindings": [
+                {
+                    "identity": b.identity,
+                    "sign": list(b.sign),
+                    "admin": b.admin,
+                    **({"description": b.description} if b.description else {}),
+                }
+                for b in self.bindings
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AccessPolicy:
+        """Validate and build a policy; raises ``InvalidArgument`` naming the offending field."""
+        if not isinstance(data, Mapping):
+            raise InvalidArgument("the policy must be a mapping with 'version' and 'bindings'")
+        if data.get("version") != POLICY_VERSION:
+            raise InvalidArgument(
+                f"policy version must be {POLICY_VERSION}, got {data.get('version')!r}"
+            )
+        raw_bindings = data.get("bindings")
+        if not isinstance(raw_bindings, list):
+            raise InvalidArgument("policy 'bindings' must be a list")
+        bindings = []
+        for index, raw in enumerate(raw_bindings):
+            where = f"bindings[{index}]"
+            if not isinstance(raw, Mapping):
+                raise InvalidArgument(f"{where} must be a mapping")
+            unknown = set(raw) - _BINDING_FIELDS
+            if unknown:
+                raise InvalidArgument(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
+            identity = raw.get("identity")
+            if not isinstance(identity, str) or not identity:
+                raise InvalidArgument(f"{where}.identity must be a non-empty string")
+            sign = raw.get("sign", [])
+            if not isinstance(sign, list) or not all(isinstance(p, str) and p for p in sign):
+                raise InvalidArgument(f"{where}.sign must be a list of key-name patterns")
+            admin = raw.get("admin", False)
+            if not isinstance(admin, bool):
+                raise InvalidArgument(f"{where}.admin must be true or false")
+            description = raw.get("description", "")
+            if not isinstance(description, str):
+                raise InvalidArgument(f"{where}.description must be a string")
+            bindings.append(Binding(identity, tuple(sign), admin, description))
+        return cls(tuple(bindings))

@@ -33,7 +33,9 @@ class FailedPrecondition(KmsError):
 
 
 class Conflict(KmsError):
-    """A compare-and-swap lost a race: someone else changed the record first. Retry from a fresh read."""
+    """A compare-and-swap lost a race: someone else changed the record first.
+
+    Retry from a fresh read."""
 
 
 class PermissionDenied(KmsError):

@@ -257,7 +257,9 @@ class Key:
         """The version with this number; raises ``NotFound``."""
         if 1 <= number <= len(self.versions):
             return self.versions[number - 1]
-        raise NotFound(f"key {self.name!r} has no version {number} (latest is {len(self.versions)})")
+        raise NotFound(
+            f"key {self.name!r} has no version {number} (latest is {len(self.versions)})"
+        )
 
     @property
     def primary(self) -> KeyVersion:

@@ -1,0 +1,1 @@
+"""The service edge of Signet: gRPC servicers, authentication, client library and CLI."""

@@ -1,0 +1,271 @@
+"""The Signet client library: what pipelines, custodians and the CLI call.
+
+Generated protobuf types stay inside; callers get frozen dataclasses. Every failure is a
+``SignetError`` carrying the gRPC status and the server's message. Calls go to the first
+endpoint (the home region's) and move on to the next on ``UNAVAILABLE`` or a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from kms.domain.keys import Algorithm, Digest, Replication
+from kms.domain.policy import AccessPolicy
+from kms.signing import Signature
+from signer import convert
+from signer._pb.signet.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from signer.cluster import ClusterFile
+from signer.errors import SignetError
+
+T = TypeVar("T")
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_STATE_NAMES = {v: k for k, v in convert._STATES.items()}
+
+
+@dataclass(frozen=True)
+class KeyVersionInfo:
+    number: int
+    state: str
+    key_id: str
+    public_key_pem: str
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "state": self.state, "key_id": self.key_id,
+                "public_key_pem": self.public_key_pem, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    name: str
+    algorithm: Algorithm
+    replication: Replication
+    primary_version: int
+    min_sign_version: int
+    versions: tuple[KeyVersionInfo, ...]
+    rotation_period_seconds: int
+    revision: int
+
+    @classmethod
+    def from_pb(cls, message: keys_pb2.Key) -> KeyInfo:
+        return cls(
+            name=message.name,
+            algorithm=convert.algorithm_from_pb(message.algorithm),
+            replication=convert.replication_from_pb(message.replication),
+            primary_version=message.primary_version,
+            min_sign_version=message.min_sign_version,
+            versions=tuple(
+                KeyVersionInfo(
+                    number=v.number,
+                    state=_STATE_NAMES[v.state].value,
+                    key_id=v.key_id,
+                    public_key_pem=v.public_key_pem,
+                    created_at=v.created_at.ToNanoseconds() / 1e9,
+                )
+                for v in message.versions
+            ),
+            rotation_period_seconds=message.rotation_period_seconds,
+            revision=message.revision,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "algorithm": self.algorithm.value,
+            "replication": self.replication.value,
+            "primary_version": self.primary_version,
+            "min_sign_version": self.min_sign_version,
+            "rotation_period_seconds": self.rotation_period_seconds,
+            "revision": self.revision,
+            "versions": [v.to_dict() for v in self.versions],
+        }
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key: str
+    version: int
+    key_id: str
+    algorithm: Algorithm
+    pem: str
+    state: str
+
+
+class SignetClient:
+    """A connection to a Signet cluster with one identity."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        insecure: bool = False,
+        timeout: float = 10.0,
+        attempts_per_endpoint: int = 2,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        if not insecure and (cert is None or key is None):
+            # grpcio servers refuse the TLS handshake without a client certificate, which
+            # would surface as a vague UNAVAILABLE; say what is wrong instead.
+            raise SignetError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no client certificate configured; Signet requires mTLS with a certificate "
+                "from the cluster CA (pass cert and key, or an identity from cluster.json)",
+            )
+        self._timeout = timeout
+        self._attempts = attempts_per_endpoint
+        if insecure:
+            self._channels = [grpc.insecure_channel(e) for e in endpoints]
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca.read_bytes() if ca else None,
+                private_key=key.read_bytes() if key else None,
+                certificate_chain=cert.read_bytes() if cert else None,
+            )
+            self._channels = [grpc.secure_channel(e, credentials) for e in endpoints]
+        self._endpoints = list(endpoints)
+
+    @classmethod
+    def from_cluster(
+        cls, cluster: ClusterFile, identity: str, *, region: str | None = None, **kwargs: Any
+    ) -> SignetClient:
+        if cluster.insecure:
+            return cls(cluster.endpoints(region), insecure=True, **kwargs)
+        who = cluster.identity(identity)
+        return cls(cluster.endpoints(region), ca=cluster.ca, cert=who.cert, key=who.key, **kwargs)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> SignetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, invoke: Callable[[grpc.Channel], T]) -> T:
+        """Try each endpoint in order; move on only for retryable failures."""
+        last: grpc.RpcError | None = None
+        for channel in self._channels:
+            for attempt in range(self._attempts):
+                try:
+                    return invoke(channel)
+                except grpc.RpcError as error:
+                    last = error
+                    if error.code() not in _RETRYABLE:
+                        raise SignetError.from_rpc_error(error) from None
+                    time.sleep(min(0.05 * 2**attempt, 0.5))
+        if last is None:
+            raise ValueError("no endpoints to call")
+        raise SignetError.from_rpc_error(last) from None
+
+    def sign_digest(
+        self, key: str, digest: Digest, *, version: int | None = None,
+        request_id: str | None = None,
+    ) -> Signature:
+        request = signing_pb2.SignDigestRequest(
+            key=key, key_version=version or 0, digest=convert.digest_to_pb(digest),
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        response = self._call(
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignDigest(request, timeout=self._timeout)
+        )
+        return _signature(response)
+
+    def sign_batch(
+        self, key: str, digests: Sequence[Digest], *, version: int | None = None,
+        request_id: str | None = None,
+    ) -> list[Signature | SignetError]:
+        request = signing_pb2.SignBatchRequest(
+            key=key, key_version=version or 0, digests=[convert.digest_to_pb(d) for d in digests],
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        response = self._call(
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignBatch(request, timeout=self._timeout)
+        )
+        return [
+            _signature(item.signature) if item.HasField("signature")
+            else SignetError(grpc.StatusCode(_code(item.error.code)), item.error.message)
+            for item in response.results
+        ]
+
+    def public_key(self, key: str, version: int | None = None) -> PublicKey:
+        request = signing_pb2.GetPublicKeyRequest(key=key, version=version or 0)
+        r = self._call(
+            lambda ch: signing_pb2_grpc.SigningStub(ch).GetPublicKey(request, timeout=self._timeout)
+        )
+        return PublicKey(r.key, r.version, r.key_id, convert.algorithm_from_pb(r.algorithm),
+                         r.public_key_pem, _STATE_NAMES[r.state].value)
+
+    def create_key(
+        self, name: str, algorithm: Algorithm, *, replication: Replication = Replication.REGIONAL,
+        rotation_period_seconds: int | None = None,
+    ) -> KeyInfo:
+        request = keys_pb2.CreateKeyRequest(
+            name=name,
+            algorithm=convert.algorithm_to_pb(algorithm),
+            replication=convert._REPLICATION_BACK[replication],
+            rotation_period_seconds=rotation_period_seconds or 0,
+        )
+        return KeyInfo.from_pb(self._call(
+            lambda ch: keys_pb2_grpc.KeyAdminStub(ch).CreateKey(request, timeout=self._timeout)
+        ))
+
+    def get_key(self, name: str) -> KeyInfo:
+        request = keys_pb2.GetKeyRequest(name=name)
+        return KeyInfo.from_pb(self._call(
+            lambda ch: keys_pb2_grpc.KeyAdminStub(ch).GetKey(request, timeout=self._timeout)
+        ))
+
+    def list_keys(self) -> list[KeyInfo]:
+        response = self._call(
+            lambda ch: keys_pb2_grpc.KeyAdminStub(ch).ListKeys(
+                keys_pb2.ListKeysRequest(), timeout=self._timeout)
+        )
+        return [KeyInfo.from_pb(k) for k in response.keys]
+
+    def set_policy(self, policy: AccessPolicy, *, expected_revision: int = 0) -> int:
+        request = keys_pb2.SetPolicyRequest(
+            policy_json=json.dumps(policy.to_dict()), expected_revision=expected_revision
+        )
+        return self._call(
+            lambda ch: keys_pb2_grpc.KeyAdminStub(ch).SetPolicy(request, timeout=self._timeout)
+        ).revision
+
+    def get_policy(self) -> tuple[AccessPolicy, int]:
+        response = self._call(
+            lambda ch: keys_pb2_grpc.KeyAdminStub(ch).GetPolicy(
+                keys_pb2.GetPolicyRequest(), timeout=self._timeout)
+        )
+        return AccessPolicy.from_dict(json.loads(response.policy_json)), response.revision
+
+
+def _code(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value
+    return grpc.StatusCode.UNKNOWN.value
+
+
+def _signature(response: signing_pb2.SignDigestResponse) -> Signature:
+    return Signature(
+        signature=response.signature,
+        key=response.key,
+        version=response.key_version,
+        key_id=response.key_id,
+        algorithm=convert.algorithm_from_pb(response.algorithm),
+        revision=response.revision,
+        region=response.region,
+    )

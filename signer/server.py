@@ -1,0 +1,159 @@
+"""Wiring: build the adapters from a config, start the gRPC server, stop cleanly.
+
+Start-up is sealed: gRPC health reports NOT_SERVING until the HSM is logged in and a fresh key
+state has been read from etcd; only then does it switch to SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from kms.admin import KeyAdministration
+from kms.hsm.pkcs11 import Pkcs11Hsm, load_pin
+from kms.ports import SystemClock
+from kms.signing import SigningService, StateView
+from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
+from kms.state.view import KeyStateView
+from signer._pb.signet.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from signer.config import ServerConfig
+from signer.dev.softhsm import find_softhsm_module
+from signer.servicers.base import Deferred
+from signer.servicers.keys import KeyAdminServicer
+from signer.servicers.signing import SigningServicer
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVICE_NAMES = (
+    signing_pb2.DESCRIPTOR.services_by_name["Signing"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name,
+)
+INSECURE_WARNING = (
+    "INSECURE DEVELOPMENT MODE: mTLS is OFF and every caller may sign with every key and "
+    "administer everything. Never run this outside a throwaway development machine."
+)
+
+
+@dataclass
+class RunningSigner:
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    view: KeyStateView
+    hsm: Pkcs11Hsm
+    store: EtcdKeyStateStore
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.view.stop()
+        await self.store.close()
+        await self.hsm.close()
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    if config.tls is None:
+        raise ValueError("TLS files are required unless the server runs insecure")
+    # require_client_auth: grpcio cannot request a certificate without requiring it, so a
+    # caller without one is refused in the TLS handshake (docs/adr/0003-mtls-identity.md).
+    return grpc.ssl_server_credentials(
+        [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
+        root_certificates=config.tls.ca.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+async def start(config: ServerConfig) -> RunningSigner:
+    """Open the HSM and etcd, start the server, and mark it SERVING once everything is ready.
+
+    Raises ``KmsError`` subclasses with a message a person can act on when a dependency cannot
+    be reached.
+    """
+    if config.insecure:
+        log.warning(INSECURE_WARNING)
+    health = HealthServicer()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in (*SERVICE_NAMES, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    signing: Deferred[SigningService] = Deferred()
+    admin: Deferred[KeyAdministration] = Deferred()
+    state: Deferred[StateView] = Deferred()
+    signing_pb2_grpc.add_SigningServicer_to_server(
+        SigningServicer(signing, state, insecure=config.insecure), server
+    )
+    keys_pb2_grpc.add_KeyAdminServicer_to_server(
+        KeyAdminServicer(admin, insecure=config.insecure), server
+    )
+    if config.insecure:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, _server_credentials(config))
+    await server.start()
+    log.info("listening on %s (port %d), region %s", config.listen, port, config.region)
+
+    pin = load_pin(
+        str(config.hsm.pin_file) if config.hsm.pin_file else None, config.hsm.pin_env
+    )
+    hsm = await Pkcs11Hsm.open(
+        config.hsm.module or find_softhsm_module(), config.hsm.token_label, pin
+    )
+    del pin
+    tls = config.etcd.tls
+    store = EtcdKeyStateStore(
+        EtcdConfig(
+            endpoints=config.etcd.endpoints,
+            ca_file=None if tls is None else tls.ca,
+            cert_file=None if tls is None else tls.cert,
+            key_file=None if tls is None else tls.key,
+            prefix=config.etcd.prefix,
+        )
+    )
+    clock = SystemClock()
+    view = KeyStateView(store, clock, lease_ttl=config.lease_ttl_seconds)
+    await view.start()
+
+    state.set(view)
+    signing.set(SigningService(hsm=hsm, view=view, region=config.region))
+    admin.set(KeyAdministration(hsm=hsm, store=store, view=view, clock=clock))
+    for name in (*SERVICE_NAMES, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving: HSM token %r open, key state at revision %d",
+             config.hsm.token_label, view.revision)
+    return RunningSigner(server, port, health, view, hsm, store)
+
+
+async def serve(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    running = await start(config)
+    if on_ready is not None:
+        on_ready(running.port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping")
+    await running.stop()

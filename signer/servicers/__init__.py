@@ -1,0 +1,1 @@
+"""gRPC servicers: authenticate, convert, delegate to ``kms``, convert back. No business logic."""

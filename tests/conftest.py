@@ -1,0 +1,6 @@
+"""Shared fixtures. Real processes (etcd, SoftHSM tokens, signers) live in tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.softhsm",
+    "tests.fixtures.etcd",
+]

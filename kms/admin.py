@@ -10,7 +10,7 @@ import logging
 
 from kms.domain.keys import Algorithm, Key, Replication, validate_key_name
 from kms.domain.policy import AccessPolicy
-from kms.errors import AlreadyExists, KmsError, NotFound, PermissionDenied
+from kms.errors import AlreadyExists, KmsError, NotFound, PermissionDenied, Unavailable
 from kms.ports import Clock, Hsm, KeyStateStore, VersionedKey, VersionedPolicy
 from kms.signing import Caller, StateView
 
@@ -83,7 +83,10 @@ class KeyAdministration:
             await self._discard(pair.hsm_id, name)
             raise
         # Let this signer's view catch up so a sign right after create finds the key here.
-        await self._view.wait_for_revision(created.mod_revision, timeout=2.0)
+        try:
+            await self._view.wait_for_revision(created.mod_revision, timeout=2.0)
+        except Unavailable:
+            log.warning("key %s is created but this signer has not seen it yet", name)
         log.info("created key %s (%s, %s)", name, algorithm.value, replication.value)
         return created
 

@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.etcd",
+    "tests.fixtures.cluster",
 ]

@@ -79,7 +79,7 @@ class DevCluster:
             endpoint_file.write_text(endpoint + "\n")
         return SignerProcess(directory, endpoint)
 
-    def up(self, *, log: bool = True) -> ClusterFile:
+    def up(self, *, etcd_members: int = 1, log: bool = True) -> ClusterFile:
         """Start (or restart) etcd, the HSM token and the signer; write ``cluster.json``.
 
         Raises ``EtcdLaunchError``, ``SoftHsmSetupError`` or ``SignerLaunchError`` with the
@@ -115,7 +115,7 @@ class DevCluster:
             etcd = EtcdCluster.load(etcd_dir)
             say(f"etcd already running at {', '.join(etcd.endpoints)}")
         else:
-            etcd = EtcdCluster.start(etcd_dir, members=1, tls=etcd_tls, detach=True)
+            etcd = EtcdCluster.start(etcd_dir, members=etcd_members, tls=etcd_tls, detach=True)
             etcd.save()
             say(f"etcd started at {', '.join(etcd.endpoints)}")
 

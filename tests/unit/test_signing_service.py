@@ -73,8 +73,8 @@ class FakeView:
     def policy(self) -> AccessPolicy | None:
         return self._policy
 
-    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
-        return True
+    async def wait_for_revision(self, revision: int, timeout: float) -> None:
+        return None
 
 
 def setup(policy: AccessPolicy | None = POLICY) -> tuple[SigningService, FakeView, SoftwareHsm]:

@@ -118,16 +118,20 @@ def key_show(ctx: Context, name: str) -> None:
 @click.option("--digest", "-d", "digest_text", required=True, help="Digest as sha256:HEX.")
 @click.option("--version", "key_version", type=click.IntRange(min=1), default=None,
               help="Sign with this version instead of the primary one.")
-@click.option("--request-id", default=None, help="Idempotency / audit id (default: random).")
+@click.option("--request-id", default=None, help="Audit id for this request (default: random).")
+@click.option("--signature-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the raw signature bytes (DER for ECDSA) to this file.")
 @cluster_options
 @handle_errors
 def sign(ctx: Context, key_name: str, digest_text: str, key_version: int | None,
-         request_id: str | None) -> None:
+         request_id: str | None, signature_out: Path | None) -> None:
     """Sign a digest (pipeline identity). Prints the signature as base64."""
     digest = Digest.parse(digest_text)
     with ctx.client("pipeline") as client:
         sig = client.sign_digest(key_name, digest, version=key_version, request_id=request_id)
     encoded = base64.b64encode(sig.signature).decode()
+    if signature_out is not None:
+        signature_out.write_bytes(sig.signature)
     ctx.emit(
         {
             "signature": encoded,

@@ -123,7 +123,7 @@ def key_show(ctx: Context, name: str) -> None:
               help="Also write the raw signature bytes (DER for ECDSA) to this file.")
 @cluster_options
 @handle_errors
-def sign(ctx: Context, key_name: str, digest_text: str, key_version: int | None,
+def sign(*, ctx: Context, key_name: str, digest_text: str, key_version: int | None,
          request_id: str | None, signature_out: Path | None) -> None:
     """Sign a digest (pipeline identity). Prints the signature as base64."""
     digest = Digest.parse(digest_text)

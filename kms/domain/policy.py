@@ -9,8 +9,15 @@ stored in etcd::
         sign: ["release-*", "ci"]                  # key-name patterns this identity may use
       - identity: spiffe://signet.dev/admin
         admin: true                                # may create keys and change the policy
+      - identity: spiffe://signet.dev/pipeline
+        sign: ["release"]
+        statements:                                # may sign in-toto statements (SignStatement)
+          predicate_types: ["https://slsa.dev/provenance/v1"]
+          builder_ids: ["https://ci.example.com/*"]  # rules: kms/domain/provenance.py
 
-Anything a binding does not grant is denied.
+Anything a binding does not grant is denied. A caller may sign a statement with a key only if a
+binding matching the caller grants the key *and* has a ``statements`` section the statement
+passes. Image signatures (SignImage) are limited to those sections' ``subject_registries``.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kms.errors import InvalidArgument, PermissionDenied
+from kms.domain.provenance import Statement, StatementPolicy
+from kms.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 POLICY_VERSION = 1
-_BINDING_FIELDS = frozenset({"identity", "sign", "admin", "description"})
+_BINDING_FIELDS = frozenset({"identity", "sign", "admin", "description", "statements"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class Binding:
     sign: tuple[str, ...] = ()
     admin: bool = False
     description: str = ""
+    statements: StatementPolicy | None = None
 
     def matches(self, identity: str) -> bool:
         return fnmatch.fnmatchcase(identity, self.identity)
@@ -60,6 +69,53 @@ class AccessPolicy:
                 "an administrator binding (admin: true) is required"
             )
 
+    def _statement_policies(self, identity: str, key_name: str) -> list[StatementPolicy]:
+        return [
+            b.statements for b in self.bindings
+            if b.statements is not None and b.matches(identity) and b.may_sign(key_name)
+        ]
+
+    def check_statement(self, identity: str, key_name: str, statement: Statement) -> None:
+        """Raise unless some binding that lets ``identity`` sign with the key has a
+        ``statements`` section the statement passes. ``PermissionDenied`` when no binding
+        allows statements at all; otherwise the failing rule's ``FailedPrecondition`` or
+        ``InvalidArgument`` (the first binding's, when several bindings apply)."""
+        self.check_sign(identity, key_name)
+        policies = self._statement_policies(identity, key_name)
+        if not policies:
+            raise PermissionDenied(
+                f"identity {identity!r} may not sign statements with key {key_name!r}: no "
+                "binding for it has a 'statements' section; ask an administrator to add one"
+            )
+        first_error: Exception | None = None
+        for policy in policies:
+            try:
+                policy.check(statement)
+            except (FailedPrecondition, InvalidArgument) as error:
+                first_error = first_error or error
+            else:
+                return
+        assert first_error is not None  # noqa: S101 -- policies is non-empty
+        raise first_error
+
+    def check_image(self, identity: str, key_name: str, image_name: str) -> None:
+        """Raise ``PermissionDenied`` unless ``identity`` may sign with the key, and
+        ``FailedPrecondition`` naming the rule if every applicable ``statements`` section
+        restricts registries and none allows this image's registry."""
+        self.check_sign(identity, key_name)
+        policies = self._statement_policies(identity, key_name)
+        if any(p.registries is None for p in policies) or not policies:
+            return
+        errors = []
+        for policy in policies:
+            try:
+                policy.check_image(image_name)
+            except FailedPrecondition as error:
+                errors.append(error)
+            else:
+                return
+        raise errors[0]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": POLICY_VERSION,
@@ -69,6 +125,7 @@ class AccessPolicy:
                     "sign": list(b.sign),
                     "admin": b.admin,
                     **({"description": b.description} if b.description else {}),
+                    **({"statements": b.statements.to_dict()} if b.statements else {}),
                 }
                 for b in self.bindings
             ],
@@ -106,5 +163,10 @@ class AccessPolicy:
             description = raw.get("description", "")
             if not isinstance(description, str):
                 raise InvalidArgument(f"{where}.description must be a string")
-            bindings.append(Binding(identity, tuple(sign), admin, description))
+            raw_statements = raw.get("statements")
+            statements = (
+                None if raw_statements is None
+                else StatementPolicy.from_dict(raw_statements, f"{where}.statements")
+            )
+            bindings.append(Binding(identity, tuple(sign), admin, description, statements))
         return cls(tuple(bindings))

@@ -8,9 +8,9 @@ adapter that wraps blocking calls (PKCS#11) hands them to threads it owns.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from kms.domain.keys import Algorithm, Key
 from kms.domain.policy import AccessPolicy
@@ -107,6 +107,41 @@ class StateEvent:
     name: str = ""  # key name, for key events
     key: VersionedKey | None = None
     policy: VersionedPolicy | None = None
+
+
+class AuditRecorder(Protocol):
+    """The append-only audit log (I3): a returned index means the entry is durable. Raises
+    ``Unavailable`` when it cannot record; callers then return nothing (fail closed)."""
+
+    async def record_signature(
+        self, *, identity: str, key: str, version: int, key_id: str, digest: str,
+        request_id: str, revision: int, region: str,
+    ) -> int: ...
+
+    async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int: ...
+
+
+@dataclass(frozen=True)
+class SignerRegistrations:
+    """Every live signer's applied key-state revision, read at store revision ``revision``."""
+
+    revision: int
+    applied: dict[str, int]
+
+
+class FenceRegistry(Protocol):
+    """Where signers record, under their lease, the key-state revision they have applied
+    (DESIGN.md "Fencing"); a registration vanishes with its lease."""
+
+    async def register_signer(self, signer_id: str, lease_id: int, applied_revision: int) -> None:
+        ...
+
+    async def signer_registrations(self) -> SignerRegistrations: ...
+
+    async def try_lead(self, role: str, candidate: str, lease_id: int) -> bool:
+        """Become (or stay) the one holder of ``role`` while ``lease_id`` lives. True when
+        ``candidate`` holds it after the call."""
+        ...
 
 
 class KeyStateStore(Protocol):

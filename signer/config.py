@@ -13,6 +13,20 @@ Example::
       token_label: signet-eu-west
       pin_file: /run/secrets/hsm-pin           # or pin_env: SIGNET_HSM_PIN
     lease_ttl_seconds: 5
+    audit:                                      # optional; these are the defaults
+      directory: audit                          # one log folder per signer process inside
+      checkpoint_every_entries: 10000
+      checkpoint_every_seconds: 10
+    lifecycle:                                  # optional; these are the defaults
+      default_destroy_wait_seconds: 2592000     # 30 days
+      min_destroy_wait_seconds: 86400           # lower only for tests and demos
+      maintenance_interval_seconds: 1           # rotation / retirement / destruction checks
+      fence_timeout_seconds: 10                 # default: twice the lease TTL
+    trust:                                      # optional; TUF repository (docs/adr/0007)
+      http_listen: 127.0.0.1:0                  # /tuf/ over HTTPS (HTTP when insecure); "" off
+      timestamp_expiry_seconds: 86400           # timestamp.json lifetime
+      timestamp_resign_seconds: 3600            # renew the timestamp when it is this old
+      metadata_expiry_seconds: 604800           # snapshot and targets lifetime
 
 Relative paths are resolved against the file's folder. ``insecure: true`` turns mTLS off for
 development; the signer then warns on every start.
@@ -22,12 +36,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kms.admin import LifecycleSettings
 from kms.errors import InvalidArgument
 
 
@@ -54,6 +69,43 @@ class HsmSettings:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """``lifecycle:`` section. Destruction waits ``default_destroy_wait_seconds`` (30 days)
+    unless a request asks for longer; no request may ask for less than
+    ``min_destroy_wait_seconds`` (1 day) — lower it only for tests and demos."""
+
+    default_destroy_wait_seconds: float = 30 * 86_400
+    min_destroy_wait_seconds: float = 86_400
+    maintenance_interval_seconds: float = 1.0
+    fence_timeout_seconds: float = 0.0  # 0: twice the lease TTL
+
+    @property
+    def settings(self) -> LifecycleSettings:
+        return LifecycleSettings(self.default_destroy_wait_seconds, self.min_destroy_wait_seconds)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``audit:`` section. Each signer process writes its own log in a new folder under
+    ``directory`` (``<host>-<pid>-<random>``); checkpoints are signed by the region's audit key
+    in the HSM and anchored in etcd."""
+
+    directory: Path
+    checkpoint_every_entries: int = 10_000
+    checkpoint_every_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """``trust:`` section: where ``/tuf/`` is served and how long online metadata lives."""
+
+    http_listen: str = "127.0.0.1:0"
+    timestamp_expiry_seconds: float = 86_400.0
+    timestamp_resign_seconds: float = 3_600.0
+    metadata_expiry_seconds: float = 7 * 86_400.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     region: str
     listen: str
@@ -62,6 +114,9 @@ class ServerConfig:
     tls: TlsFiles | None
     insecure: bool = False
     lease_ttl_seconds: int = 5
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    audit: AuditConfig = AuditConfig(Path("audit"))
+    trust: TrustConfig = TrustConfig()
 
     @classmethod
     def load(cls, path: Path) -> ServerConfig:
@@ -138,6 +193,11 @@ class ServerConfig:
         ttl = data.get("lease_ttl_seconds", 5)
         if not isinstance(ttl, int) or not 1 <= ttl <= 60:
             raise InvalidArgument("config lease_ttl_seconds must be a whole number from 1 to 60")
+        lifecycle = _lifecycle(data.get("lifecycle", {}), ttl)
+        raw_audit = data.get("audit", {})
+        if not isinstance(raw_audit, Mapping):
+            raise InvalidArgument("config 'audit' must be a mapping")
+        audit = _audit(raw_audit, path(raw_audit.get("directory", "audit"), "audit.directory"))
         return cls(
             region=region,
             listen=listen,
@@ -155,4 +215,69 @@ class ServerConfig:
             tls=tls,
             insecure=insecure,
             lease_ttl_seconds=ttl,
+            lifecycle=lifecycle,
+            audit=audit,
+            trust=_trust(data.get("trust", {})),
         )
+
+
+def _lifecycle(raw: Any, lease_ttl: int) -> LifecycleConfig:
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("config 'lifecycle' must be a mapping")
+    unknown = set(raw) - set(LifecycleConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config lifecycle has unknown fields: {sorted(unknown)}")
+    numbers = {}
+    for field_name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise InvalidArgument(
+                f"config lifecycle.{field_name} must be a number of seconds (>= 0)"
+            )
+        numbers[field_name] = float(value)
+    lifecycle = LifecycleConfig(**numbers)
+    if lifecycle.min_destroy_wait_seconds > lifecycle.default_destroy_wait_seconds:
+        raise InvalidArgument(
+            "config lifecycle.min_destroy_wait_seconds exceeds default_destroy_wait_seconds"
+        )
+    if not lifecycle.fence_timeout_seconds:
+        lifecycle = replace(lifecycle, fence_timeout_seconds=2.0 * lease_ttl)
+    return lifecycle
+
+
+def _audit(raw: Mapping[str, Any], directory: Path) -> AuditConfig:
+    unknown = set(raw) - set(AuditConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config audit has unknown fields: {sorted(unknown)}")
+    every_entries = raw.get("checkpoint_every_entries", 10_000)
+    every_seconds = raw.get("checkpoint_every_seconds", 10.0)
+    if not isinstance(every_entries, int) or every_entries < 1:
+        raise InvalidArgument("config audit.checkpoint_every_entries must be 1 or more")
+    if not isinstance(every_seconds, int | float) or every_seconds <= 0:
+        raise InvalidArgument("config audit.checkpoint_every_seconds must be positive")
+    return AuditConfig(directory, every_entries, float(every_seconds))
+
+
+def _trust(raw: Any) -> TrustConfig:
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("config 'trust' must be a mapping")
+    unknown = set(raw) - set(TrustConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config trust has unknown fields: {sorted(unknown)}")
+    listen = raw.get("http_listen", TrustConfig.http_listen)
+    if not isinstance(listen, str) or (listen and ":" not in listen):
+        raise InvalidArgument("config trust.http_listen must be host:port, or empty for none")
+    numbers = {}
+    for name in ("timestamp_expiry_seconds", "timestamp_resign_seconds",
+                 "metadata_expiry_seconds"):
+        value = raw.get(name, getattr(TrustConfig, name))
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise InvalidArgument(f"config trust.{name} must be a positive number of seconds")
+        numbers[name] = float(value)
+    trust = TrustConfig(http_listen=listen, **numbers)
+    if trust.timestamp_resign_seconds >= trust.timestamp_expiry_seconds:
+        raise InvalidArgument("config trust.timestamp_resign_seconds must be below "
+                              "timestamp_expiry_seconds, or the timestamp expires unrenewed")
+    if trust.metadata_expiry_seconds < 2 * trust.timestamp_expiry_seconds:
+        raise InvalidArgument("config trust.metadata_expiry_seconds must be at least twice "
+                              "timestamp_expiry_seconds")
+    return trust

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kms.admin import RevokeResult
 from kms.domain.keys import (
     Algorithm,
     Digest,
@@ -107,13 +108,29 @@ def item_error_to_pb(error: KmsError) -> signing_pb2.ItemError:
 
 
 def version_to_pb(version: KeyVersion) -> keys_pb2.KeyVersion:
-    return keys_pb2.KeyVersion(
+    message = keys_pb2.KeyVersion(
         number=version.number,
         state=_STATES[version.state],
         key_id=version.key_id,
         public_key_pem=public_key_pem(version.public_key_der),
         created_at=_timestamp(version.created_at),
         state_changed_at=_timestamp(version.state_changed_at),
+        revoked=version.revoked,
+    )
+    if version.retire_at is not None:
+        message.retire_at.CopyFrom(_timestamp(version.retire_at))
+    if version.destroy_after is not None:
+        message.destroy_after.CopyFrom(_timestamp(version.destroy_after))
+    return message
+
+
+def revoke_to_pb(result: RevokeResult) -> keys_pb2.RevokeVersionResponse:
+    return keys_pb2.RevokeVersionResponse(
+        key=key_to_pb(result.key),
+        fence_seconds=result.fence.seconds,
+        signers_acknowledged=list(result.fence.acknowledged),
+        signers_lapsed=list(result.fence.lapsed),
+        revision=result.fence.revision,
     )
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,17 +22,37 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kms.admin import KeyAdministration
+from kms.audit.checkpoint import Checkpoint, HsmCheckpointSigner
+from kms.audit.log import AuditLog
+from kms.errors import KmsError
 from kms.hsm.pkcs11 import Pkcs11Hsm, load_pin
+from kms.maintenance import KeyMaintenance
 from kms.ports import SystemClock
-from kms.signing import SigningService, StateView
+from kms.region_keys import ensure_region_key
+from kms.signing import InflightSignatures, SigningService, StateView
 from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
+from kms.state.fence import SignerFence
 from kms.state.view import KeyStateView
-from signer._pb.signet.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from kms.statements import StatementSigning
+from kms.tuf.service import TrustBundleService
+from signer._pb.signet.v1 import (
+    attestation_pb2,
+    attestation_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+)
 from signer.config import ServerConfig
 from signer.dev.softhsm import find_softhsm_module
+from signer.servicers.attestation import AttestationServicer
 from signer.servicers.base import Deferred
 from signer.servicers.keys import KeyAdminServicer
-from signer.servicers.signing import SigningServicer
+from signer.servicers.statements import SupplyChainSigningServicer
+from signer.servicers.trust import TrustServicer, start_trust_distribution
+from signer.verification import resolver_from_keys
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +60,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICE_NAMES = (
     signing_pb2.DESCRIPTOR.services_by_name["Signing"].full_name,
     keys_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name,
+    attestation_pb2.DESCRIPTOR.services_by_name["Attestation"].full_name,
+    trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
 )
 INSECURE_WARNING = (
     "INSECURE DEVELOPMENT MODE: mTLS is OFF and every caller may sign with every key and "
@@ -52,13 +77,43 @@ class RunningSigner:
     view: KeyStateView
     hsm: Pkcs11Hsm
     store: EtcdKeyStateStore
+    background: list[asyncio.Task[None]]
+    audit: AuditLog
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.audit.close()  # writes a final signed checkpoint
         await self.view.stop()
         await self.store.close()
         await self.hsm.close()
+
+
+async def _open_audit(
+    config: ServerConfig, store: EtcdKeyStateStore, hsm: Pkcs11Hsm, clock: SystemClock,
+    *, signer_id: str, process_name: str,
+) -> AuditLog:
+    """This process's audit log, its checkpoints signed by the region's audit key in the HSM
+    and anchored in etcd."""
+    key = await ensure_region_key(
+        store, store.layout.region_key("audit", config.region), hsm,
+        role="audit", region=config.region,
+    )
+    signer = HsmCheckpointSigner(hsm, key.hsm_id, key.algorithm, key.public_key_der)
+
+    async def anchor(checkpoint: Checkpoint) -> None:
+        await store.put_record(store.layout.audit_checkpoint(signer_id), checkpoint.to_dict())
+
+    directory = config.audit.directory / process_name
+    log.info("audit log %s in %s", signer_id, directory)
+    return await AuditLog.open(
+        directory, signer_id, signer=signer, clock=clock, anchor=anchor,
+        checkpoint_every_entries=config.audit.checkpoint_every_entries,
+        checkpoint_every_seconds=config.audit.checkpoint_every_seconds,
+    )
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
@@ -100,11 +155,21 @@ async def start(config: ServerConfig) -> RunningSigner:
     signing: Deferred[SigningService] = Deferred()
     admin: Deferred[KeyAdministration] = Deferred()
     state: Deferred[StateView] = Deferred()
+    statements: Deferred[StatementSigning] = Deferred()
     signing_pb2_grpc.add_SigningServicer_to_server(
-        SigningServicer(signing, state, insecure=config.insecure), server
+        SupplyChainSigningServicer(signing, state, statements, insecure=config.insecure), server
+    )
+    # No baseline is configurable yet, so Attest answers FAILED_PRECONDITION (issue 5).
+    attestation_pb2_grpc.add_AttestationServicer_to_server(
+        AttestationServicer(None, lambda: resolver_from_keys(view.all_keys()),
+                            insecure=config.insecure), server
     )
     keys_pb2_grpc.add_KeyAdminServicer_to_server(
         KeyAdminServicer(admin, insecure=config.insecure), server
+    )
+    trust_service: Deferred[TrustBundleService] = Deferred()
+    trust_pb2_grpc.add_TrustServicer_to_server(
+        TrustServicer(trust_service, insecure=config.insecure), server
     )
     if config.insecure:
         port = server.add_insecure_port(config.listen)
@@ -131,17 +196,47 @@ async def start(config: ServerConfig) -> RunningSigner:
         )
     )
     clock = SystemClock()
-    view = KeyStateView(store, clock, lease_ttl=config.lease_ttl_seconds)
+    process_name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    signer_id = f"{config.region}/{process_name}"
+    inflight = InflightSignatures()
+    view = KeyStateView(
+        store, clock, lease_ttl=config.lease_ttl_seconds, signer_id=signer_id, registry=store,
+        fence_gate=inflight.drained_below,
+    )
     await view.start()
+    audit = await _open_audit(config, store, hsm, clock, signer_id=signer_id,
+                              process_name=process_name)
+    administration = KeyAdministration(
+        hsm=hsm, store=store, view=view, clock=clock, audit=audit,
+        fence=SignerFence(store, clock, timeout=config.lifecycle.fence_timeout_seconds),
+        settings=config.lifecycle.settings,
+    )
+    maintenance = KeyMaintenance(
+        admin=administration, registry=store, hsm=hsm, view=view, clock=clock,
+        signer_id=signer_id, interval=config.lifecycle.maintenance_interval_seconds,
+    )
+    background = [asyncio.create_task(maintenance.run(), name="key-maintenance")]
+    # Trust distribution (docs/adr/0007): a failure here leaves signing up and answers
+    # GetTrustBundle with UNAVAILABLE, since verifiers can use another region meanwhile.
+    try:
+        distribution = await start_trust_distribution(
+            config, store=store, hsm=hsm, view=view, clock=clock, signer_id=signer_id)
+        trust_service.set(distribution.service)
+        background += distribution.tasks
+    except KmsError as error:
+        log.error(  # noqa: TRY400 - the diagnostics say it all; no traceback in the log
+            "trust distribution is off in this signer: %s", error.diagnostics())
 
     state.set(view)
-    signing.set(SigningService(hsm=hsm, view=view, region=config.region))
-    admin.set(KeyAdministration(hsm=hsm, store=store, view=view, clock=clock))
+    signing.set(SigningService(hsm=hsm, view=view, region=config.region, audit=audit,
+                               inflight=inflight))
+    statements.set(StatementSigning(signing=signing.get(), view=view))
+    admin.set(administration)
     for name in (*SERVICE_NAMES, ""):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving: HSM token %r open, key state at revision %d",
              config.hsm.token_label, view.revision)
-    return RunningSigner(server, port, health, view, hsm, store)
+    return RunningSigner(server, port, health, view, hsm, store, background, audit)
 
 
 async def serve(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:

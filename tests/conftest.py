@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.etcd",
     "tests.fixtures.cluster",
+    "tests.fixtures.filesystems",
 ]

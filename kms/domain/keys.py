@@ -152,7 +152,12 @@ def validate_key_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class KeyVersion:
-    """One numbered version of a key: one key pair in the HSM."""
+    """One numbered version of a key: one key pair in the HSM.
+
+    ``revoked_at`` is a permanent fact: once set, signatures by this version never verify,
+    whatever happens to the key material afterwards (scheduled destruction, destruction).
+    ``previous_state`` remembers what DISABLED and DESTROY_SCHEDULED return to.
+    """
 
     number: int
     state: VersionState
@@ -161,6 +166,11 @@ class KeyVersion:
     created_at: float
     state_changed_at: float
     key_id: str = field(default="")
+    retire_at: float | None = None  # ACTIVE, non-primary, in its grace period until then
+    retired_at: float | None = None
+    revoked_at: float | None = None
+    destroy_after: float | None = None  # DESTROY_SCHEDULED until then
+    previous_state: VersionState | None = None
 
     def __post_init__(self) -> None:
         if self.number < 1:
@@ -168,8 +178,20 @@ class KeyVersion:
         if not self.key_id:
             object.__setattr__(self, "key_id", key_id_for(self.public_key_der))
 
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether signatures by this version may be accepted by verifiers."""
+        return not self.revoked and self.state in (VersionState.ACTIVE, VersionState.RETIRED)
+
+    def moved(self, state: VersionState, now: float, **changes: Any) -> KeyVersion:
+        return replace(self, state=state, state_changed_at=now, **changes)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "number": self.number,
             "state": self.state.value,
             "public_key_der": base64.b64encode(self.public_key_der).decode(),
@@ -178,9 +200,20 @@ class KeyVersion:
             "state_changed_at": self.state_changed_at,
             "key_id": self.key_id,
         }
+        for name in ("retire_at", "retired_at", "revoked_at", "destroy_after"):
+            if getattr(self, name) is not None:
+                record[name] = getattr(self, name)
+        if self.previous_state is not None:
+            record["previous_state"] = self.previous_state.value
+        return record
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyVersion:
+        def optional_time(name: str) -> float | None:
+            value = data.get(name)
+            return None if value is None else float(value)
+
+        previous = data.get("previous_state")
         return cls(
             number=int(data["number"]),
             state=VersionState(data["state"]),
@@ -189,6 +222,11 @@ class KeyVersion:
             created_at=float(data["created_at"]),
             state_changed_at=float(data["state_changed_at"]),
             key_id=str(data["key_id"]),
+            retire_at=optional_time("retire_at"),
+            retired_at=optional_time("retired_at"),
+            revoked_at=optional_time("revoked_at"),
+            destroy_after=optional_time("destroy_after"),
+            previous_state=None if previous is None else VersionState(previous),
         )
 
 
@@ -291,6 +329,149 @@ class Key:
                 f"version {self.min_sign_version}"
             )
         return version
+
+    # -- lifecycle transitions: pure; each returns a new Key or raises FailedPrecondition --
+
+    def _replace_version(self, version: KeyVersion, **changes: Any) -> Key:
+        versions = list(self.versions)
+        versions[version.number - 1] = version
+        return replace(self, versions=tuple(versions), **changes)
+
+    def _refuse(self, version: KeyVersion, action: str, why: str = "") -> FailedPrecondition:
+        revoked = ""
+        if version.revoked and version.state is not VersionState.REVOKED:
+            revoked = " (revoked)"
+        return FailedPrecondition(
+            f"cannot {action} key {self.name!r} version {version.number}: it is "
+            f"{version.state.value}{revoked}" + (f"; {why}" if why else "")
+        )
+
+    def rotate(
+        self, *, now: float, public_key_der: bytes, hsm_id: bytes, retire_grace_seconds: float = 0
+    ) -> Key:
+        """Add a new ACTIVE primary version. The previous primary, if ACTIVE, is RETIRED at
+        once, or stays ACTIVE (not primary) until ``now + retire_grace_seconds``."""
+        if retire_grace_seconds < 0:
+            raise InvalidArgument("the retirement grace period cannot be negative")
+        new = KeyVersion(
+            number=len(self.versions) + 1,
+            state=VersionState.ACTIVE,
+            public_key_der=public_key_der,
+            hsm_id=hsm_id,
+            created_at=now,
+            state_changed_at=now,
+        )
+        key = self
+        previous = self.primary
+        if previous.state is VersionState.ACTIVE:
+            if retire_grace_seconds == 0:
+                retired = previous.moved(VersionState.RETIRED, now, retired_at=now)
+            else:
+                retired = replace(previous, retire_at=now + retire_grace_seconds)
+            key = key._replace_version(retired)
+        return replace(key, versions=(*key.versions, new), primary_version=new.number)
+
+    def due_for_rotation(self, now: float) -> bool:
+        """Whether automatic rotation should add a version now."""
+        if self.rotation_period_seconds is None:
+            return False
+        return now >= self.primary.created_at + self.rotation_period_seconds
+
+    def retire_due(self, now: float) -> Key:
+        """RETIRE non-primary ACTIVE versions whose grace period has ended."""
+        key = self
+        for version in self.versions:
+            if (version.state is VersionState.ACTIVE and version.retire_at is not None
+                    and version.retire_at <= now and version.number != self.primary_version):
+                key = key._replace_version(
+                    version.moved(VersionState.RETIRED, now, retired_at=now, retire_at=None)
+                )
+        return key
+
+    def disable(self, number: int, *, now: float) -> Key:
+        """Pause an ACTIVE or RETIRED version; ``enable`` undoes it."""
+        version = self.version(number)
+        if version.state not in (VersionState.ACTIVE, VersionState.RETIRED):
+            raise self._refuse(version, "disable", "only ACTIVE or RETIRED versions can be")
+        return self._replace_version(
+            version.moved(VersionState.DISABLED, now, previous_state=version.state)
+        )
+
+    def enable(self, number: int, *, now: float) -> Key:
+        """Return a DISABLED version to the state it was disabled from."""
+        version = self.version(number)
+        if version.state is not VersionState.DISABLED:
+            raise self._refuse(version, "enable", "only DISABLED versions can be")
+        restored = version.previous_state or VersionState.ACTIVE
+        return self._replace_version(version.moved(restored, now, previous_state=None))
+
+    def revoke(self, number: int, *, now: float) -> Key:
+        """Mark a version compromised: final, and verification fails for it from now on.
+
+        Revoking a revoked version changes nothing (so a retried request is harmless).
+        A destroyed version cannot be revoked: nothing can sign or verify with it any more.
+        """
+        version = self.version(number)
+        if version.revoked:
+            return self
+        if version.state is VersionState.DESTROYED:
+            raise self._refuse(version, "revoke", "its key material is already gone")
+        return self._replace_version(
+            version.moved(VersionState.REVOKED, now, revoked_at=now, previous_state=None,
+                          destroy_after=None, retire_at=None)
+        )
+
+    def schedule_destroy(self, number: int, *, now: float, waiting_seconds: float) -> Key:
+        """Schedule the version's key material for destruction after a waiting period.
+
+        The primary version cannot be scheduled while it is ACTIVE: rotate first.
+        """
+        if waiting_seconds < 0:
+            raise InvalidArgument("the destruction waiting period cannot be negative")
+        version = self.version(number)
+        if version.state in (VersionState.DESTROY_SCHEDULED, VersionState.DESTROYED):
+            raise self._refuse(version, "schedule destruction of")
+        if version.state is VersionState.ACTIVE and number == self.primary_version:
+            raise self._refuse(
+                version, "schedule destruction of", "it is the primary version; rotate first"
+            )
+        return self._replace_version(
+            version.moved(VersionState.DESTROY_SCHEDULED, now, previous_state=version.state,
+                          destroy_after=now + waiting_seconds, retire_at=None)
+        )
+
+    def cancel_destroy(self, number: int, *, now: float) -> Key:
+        """Undo a scheduled destruction: the version returns to its previous state."""
+        version = self.version(number)
+        if version.state is not VersionState.DESTROY_SCHEDULED:
+            raise self._refuse(version, "cancel destruction of",
+                               "only DESTROY_SCHEDULED versions can be")
+        restored = version.previous_state or VersionState.RETIRED
+        return self._replace_version(
+            version.moved(restored, now, previous_state=None, destroy_after=None)
+        )
+
+    def destroy_due(self, now: float) -> tuple[Key, list[KeyVersion]]:
+        """Move versions whose waiting period has ended to DESTROYED. Returns the new key and
+        the versions destroyed now (their HSM objects are to be removed)."""
+        key, destroyed = self, []
+        for version in self.versions:
+            if (version.state is VersionState.DESTROY_SCHEDULED
+                    and version.destroy_after is not None and version.destroy_after <= now):
+                gone = version.moved(VersionState.DESTROYED, now, previous_state=None,
+                                     destroy_after=None)
+                key = key._replace_version(gone)
+                destroyed.append(gone)
+        return key, destroyed
+
+    def set_min_sign_version(self, number: int) -> Key:
+        """Refuse signing with versions below ``number`` (at most the primary version)."""
+        if not 1 <= number <= self.primary_version:
+            raise InvalidArgument(
+                f"min sign version must be between 1 and the primary version "
+                f"{self.primary_version}, got {number}"
+            )
+        return replace(self, min_sign_version=number)
 
     def with_versions(self, versions: tuple[KeyVersion, ...], **changes: Any) -> Key:
         return replace(self, versions=versions, **changes)

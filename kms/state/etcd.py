@@ -22,7 +22,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +47,13 @@ from kms.errors import (
     StateStoreError,
     WatchCompacted,
 )
-from kms.ports import StateEvent, StateSnapshot, VersionedKey, VersionedPolicy
+from kms.ports import (
+    SignerRegistrations,
+    StateEvent,
+    StateSnapshot,
+    VersionedKey,
+    VersionedPolicy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +104,50 @@ class StateLayout:
     def signer(self, signer_id: str) -> str:
         return f"{self.signers_dir}{signer_id}"
 
+    def region_key(self, role: str, region: str) -> str:
+        """A region's service key (audit checkpoints, TUF online key…): public key + HSM id."""
+        return f"{self.prefix}/region-keys/{role}/{region}"
+
+    def audit_checkpoint(self, log_id: str) -> str:
+        return f"{self.prefix}/audit/checkpoints/{log_id}"
+
+    def leader(self, role: str) -> str:
+        return f"{self.prefix}/leaders/{role}"
+
+    # TUF repository (docs/adr/0007-trust-bundles.md). Outside keys/, so no key-state code
+    # (and no SignDigest) ever sees the online keys.
+    @property
+    def tuf_dir(self) -> str:
+        return f"{self.prefix}/tuf/"
+
+    def tuf_online_key(self, region: str) -> str:
+        return f"{self.tuf_dir}online-keys/{region}"
+
+    def tuf_root(self, version: int) -> str:
+        return f"{self.tuf_dir}root/{version}"
+
+    @property
+    def tuf_publication(self) -> str:
+        return f"{self.tuf_dir}publication"
+
+    def tuf_file(self, name: str) -> str:
+        """A served repository file: ``timestamp.json``, ``N.snapshot.json``,
+        ``N.targets.json`` or ``targets/<sha256>.trust-bundle.json``."""
+        return f"{self.tuf_dir}files/{name}"
+
     def key_name(self, path: str) -> str | None:
         """The key name if ``path`` is a key record, else None."""
         if path.startswith(self.keys_dir) and len(path) > len(self.keys_dir):
             return path[len(self.keys_dir) :]
         return None
+
+
+@dataclass(frozen=True)
+class RecordRead:
+    """Records read at one store revision: path -> (value, mod_revision)."""
+
+    revision: int
+    records: dict[str, tuple[bytes, int]]
 
 
 def state_layout(prefix: str = DEFAULT_PREFIX) -> StateLayout:
@@ -636,6 +681,137 @@ class EtcdKeyStateStore:
             )
 
         await self._call(f"registration of signer {signer_id!r}", attempt)
+
+    async def get_or_create_record(self, path: str, value: Mapping[str, Any]) -> dict[str, Any]:
+        """Store ``value`` at ``path`` unless a record is there; return what is stored."""
+        request = self._cas_request(path, _encode(dict(value)), [self._compare(path, "create", 0)])
+
+        async def attempt(_: int) -> dict[str, Any]:
+            response = await self._txn(request)
+            if response.succeeded:
+                return dict(value)
+            current = self._current(response)
+            if current is None:  # deleted between compare and read: try again
+                raise StateStoreError(f"{path} vanished while being created")
+            return dict(json.loads(current.value))
+
+        return await self._call(f"a create of {path}", attempt)
+
+    async def put_record(self, path: str, value: Mapping[str, Any]) -> int:
+        """Overwrite ``path`` with ``value`` (for records with one writer, e.g. an audit
+        checkpoint anchor). Returns the revision."""
+        data = _encode(dict(value))
+
+        async def attempt(_: int) -> int:
+            response = await self._client.kvstub.Put(
+                rpc.PutRequest(key=path.encode(), value=data), timeout=self.config.call_timeout)
+            return int(response.header.revision)
+
+        return await self._call(f"a write of {path}", attempt)
+
+    async def get_record(self, path: str) -> dict[str, Any] | None:
+        async def attempt(_: int) -> dict[str, Any] | None:
+            response = await self._range(path)
+            return dict(json.loads(response.kvs[0].value)) if response.kvs else None
+
+        return await self._call(f"a read of {path}", attempt)
+
+    async def signer_registrations(self) -> SignerRegistrations:
+        """Every registered signer's applied revision, in one range read."""
+
+        async def attempt(_: int) -> SignerRegistrations:
+            response = await self._range(self.layout.signers_dir, prefix=True)
+            applied = {}
+            for kv in response.kvs:
+                record = json.loads(kv.value)
+                applied[str(record["signer_id"])] = int(record["applied_revision"])
+            return SignerRegistrations(int(response.header.revision), applied)
+
+        return await self._call("a read of signer registrations", attempt)
+
+    async def try_lead(self, role: str, candidate: str, lease_id: int) -> bool:
+        """Claim ``role`` under ``lease_id`` if nobody holds it; True if ``candidate`` holds it.
+
+        The claim vanishes with the lease, so a dead leader is replaced within one lease TTL.
+        """
+        path = self.layout.leader(role)
+        request = rpc.TxnRequest(
+            compare=[self._compare(path, "create", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=path.encode(), value=candidate.encode(), lease=lease_id))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=path.encode()))],
+        )
+
+        async def attempt(_: int) -> bool:
+            response = await self._txn(request)
+            if response.succeeded:
+                return True
+            current = self._current(response)
+            return current is not None and bytes(current.value) == candidate.encode()
+
+        return await self._call(f"a claim of the {role} role", attempt)
+
+    # -- plain records (the TUF repository, kms.tuf.store) ------------------------------------
+
+    async def read_records(
+        self, paths: Sequence[str] = (), *, prefixes: Sequence[str] = ()
+    ) -> RecordRead:
+        """Read ``paths`` and everything under ``prefixes`` in one transaction (one revision).
+        Missing paths are absent from the result."""
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=p.encode())) for p in paths]
+        ops += [rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=p.encode(), range_end=_range_end(p.encode()))) for p in prefixes]
+        request = rpc.TxnRequest(compare=[], success=ops, failure=[])
+
+        async def attempt(_: int) -> RecordRead:
+            response = await self._txn(request)
+            records = {}
+            for op in response.responses:
+                for kv in op.response_range.kvs:
+                    records[kv.key.decode()] = (bytes(kv.value), int(kv.mod_revision))
+            return RecordRead(int(response.header.revision), records)
+
+        return await self._call("a read of repository records", attempt)
+
+    async def write_records(
+        self,
+        puts: Mapping[str, bytes],
+        *,
+        deletes: Sequence[str] = (),
+        expect: Mapping[str, int] | None = None,
+    ) -> int:
+        """Put and delete in one transaction, only if every ``expect`` path is at that
+        mod_revision (0: does not exist). Returns the new revision; raises ``Conflict`` naming
+        the first path that did not match. Not retried after a lost compare."""
+        compare = [self._compare(p, "mod", r) for p, r in (expect or {}).items()]
+        success = [rpc.RequestOp(request_put=rpc.PutRequest(key=p.encode(), value=v))
+                   for p, v in puts.items()]
+        success += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=p.encode()))
+                    for p in deletes]
+        failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=p.encode()))
+                   for p in (expect or {})]
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+
+        async def attempt(number: int) -> int:
+            response = await self._txn(request)
+            if response.succeeded:
+                return int(response.header.revision)
+            found = {}
+            for op in response.responses:
+                for kv in op.response_range.kvs:
+                    found[kv.key.decode()] = (bytes(kv.value), int(kv.mod_revision))
+            # A retry after a lost reply finds our own writes: that is success.
+            if number > 1 and puts and all(found.get(p, (None, 0))[0] == v
+                                           for p, v in puts.items()):
+                return max(r for _, r in found.values())
+            for path, expected in (expect or {}).items():
+                actual = found.get(path, (b"", 0))[1]
+                if actual != expected:
+                    raise Conflict(f"{path} is at revision {actual}, expected {expected}; "
+                                   "someone else wrote it first")
+            raise Conflict("a repository write lost a compare-and-swap")
+
+        return await self._call("a write of repository records", attempt)
 
     async def close(self) -> None:
         """Close the channel and every watch on it."""

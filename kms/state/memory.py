@@ -16,13 +16,20 @@ from dataclasses import dataclass
 from kms.domain.keys import Key
 from kms.domain.policy import AccessPolicy
 from kms.errors import AlreadyExists, Conflict, NotFound, StateStoreError, WatchCompacted
-from kms.ports import Clock, StateEvent, StateSnapshot, VersionedKey, VersionedPolicy
+from kms.ports import (
+    Clock,
+    SignerRegistrations,
+    StateEvent,
+    StateSnapshot,
+    VersionedKey,
+    VersionedPolicy,
+)
 from kms.state.etcd import DEFAULT_PREFIX, StateLayout, state_layout
 
 
 @dataclass(frozen=True)
 class _Record:
-    value: Key | AccessPolicy | int  # int: a signer's applied revision
+    value: Key | AccessPolicy | int | str  # int: a signer's applied revision; str: a leader
     create_revision: int
     mod_revision: int
     lease: int = 0
@@ -105,7 +112,7 @@ class InMemoryKeyStateStore:
             for path in attached:
                 del self._records[path]
 
-    def _write(self, path: str, value: Key | AccessPolicy | int, lease: int = 0) -> int:
+    def _write(self, path: str, value: Key | AccessPolicy | int | str, lease: int = 0) -> int:
         self._revision += 1
         previous = self._records.get(path)
         created = previous.create_revision if previous else self._revision
@@ -255,6 +262,26 @@ class InMemoryKeyStateStore:
         if lease_id not in self._leases:
             raise StateStoreError(f"lease {lease_id:x} not found; it expired or was revoked")
         self._write(self.layout.signer(signer_id), applied_revision, lease=lease_id)
+
+    async def signer_registrations(self) -> SignerRegistrations:
+        self._check()
+        applied = {
+            path.removeprefix(self.layout.signers_dir): record.value
+            for path, record in self._records.items()
+            if path.startswith(self.layout.signers_dir) and isinstance(record.value, int)
+        }
+        return SignerRegistrations(self._revision, applied)
+
+    async def try_lead(self, role: str, candidate: str, lease_id: int) -> bool:
+        self._check()
+        path = self.layout.leader(role)
+        current = self._records.get(path)
+        if current is None:
+            if lease_id not in self._leases:
+                raise StateStoreError(f"lease {lease_id:x} not found; it expired or was revoked")
+            self._write(path, candidate, lease=lease_id)
+            return True
+        return current.value == candidate
 
     async def close(self) -> None:
         self.closed = True

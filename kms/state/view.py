@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 from kms.domain.policy import AccessPolicy
@@ -57,6 +58,7 @@ class KeyStateView:
         max_backoff: float = 1.0,
         signer_id: str | None = None,
         registry: SignerRegistry | None = None,
+        fence_gate: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
@@ -73,6 +75,9 @@ class KeyStateView:
         self._max_backoff = max_backoff
         self._signer_id = signer_id
         self._registry = registry
+        # Called with revision R before this signer acknowledges R: lets signatures that were
+        # authorised by older state finish first, so none is returned after a Revoke at R.
+        self._fence_gate = fence_gate
 
         self._keys: dict[str, VersionedKey] = {}
         self._policy: AccessPolicy | None = None
@@ -97,7 +102,11 @@ class KeyStateView:
         Raises ``StateStoreError`` if etcd cannot be reached within the store's retry budget.
         """
         sent = self._clock.monotonic()
-        self._lease_id = await self._store.grant_lease(self._grant_ttl)
+        lease_id = await self._store.grant_lease(self._grant_ttl)
+        # Register (as having applied nothing) *before* reading state: a Revoke committed after
+        # the registration waits for us; one committed before it is in the snapshot.
+        await self._register_now(lease_id)
+        self._lease_id = lease_id
         self._lease_valid_until = sent + self._ttl
         await self._apply_snapshot(await self._store.snapshot())
         # The snapshot is current as of now; the watch task opens from just after it.
@@ -173,7 +182,7 @@ class KeyStateView:
             )
         return found
 
-    def keys(self) -> list[VersionedKey]:
+    def all_keys(self) -> list[VersionedKey]:
         """Every key as last applied, ordered by name."""
         return [self._keys[n] for n in sorted(self._keys)]
 
@@ -315,10 +324,18 @@ class KeyStateView:
         may be behind it. So state is re-read from a snapshot before we claim to be current.
         """
         sent = self._clock.monotonic()
-        self._lease_id = await self._store.grant_lease(self._grant_ttl)
+        lease_id = await self._store.grant_lease(self._grant_ttl)
+        await self._register_now(lease_id)  # before the snapshot, as in start()
+        self._lease_id = lease_id
         self._lease_valid_until = sent + self._ttl
         self._restart_watch_with_snapshot()
         self._register_wanted.set()
+
+    async def _register_now(self, lease_id: int) -> None:
+        """Register under ``lease_id`` with the revision applied so far (stale is safe: a
+        Revoke then waits for us)."""
+        if self._registry is not None and self._signer_id is not None:
+            await self._registry.register_signer(self._signer_id, lease_id, self._revision)
 
     async def _register_loop(self) -> None:
         registry, signer_id = self._registry, self._signer_id
@@ -331,6 +348,8 @@ class KeyStateView:
             lease_id, revision = self._lease_id, self._revision
             if lease_id is None:
                 continue
+            if self._fence_gate is not None:
+                await self._fence_gate(revision)
             try:
                 await registry.register_signer(signer_id, lease_id, revision)
                 backoff = _MIN_BACKOFF

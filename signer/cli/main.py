@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ import yaml
 
 from kms.domain.keys import Algorithm, Digest, Replication
 from kms.domain.policy import AccessPolicy
+from signer.cli.audit import audit
 from signer.cli.common import (
     EXIT_INVALID,
     Context,
@@ -20,6 +22,9 @@ from signer.cli.common import (
     handle_errors,
 )
 from signer.cli.dev import dev
+from signer.cli.supplychain import COMMANDS as SUPPLY_CHAIN_COMMANDS
+from signer.cli.trust import COMMANDS as TRUST_COMMANDS
+from signer.client import KeyInfo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +39,11 @@ def cli() -> None:
 
 
 cli.add_command(dev)
+cli.add_command(audit)
+for _command in SUPPLY_CHAIN_COMMANDS:
+    cli.add_command(_command)
+for _command in TRUST_COMMANDS:
+    cli.add_command(_command)
 
 
 @cli.command()
@@ -54,7 +64,7 @@ def serve(config_path: Path, log_level: str) -> None:
 
 @cli.group()
 def key() -> None:
-    """Create and inspect keys (administrator identity)."""
+    """Create, rotate, revoke, destroy and inspect keys (administrator identity)."""
 
 
 @key.command("create")
@@ -111,6 +121,106 @@ def key_show(ctx: Context, name: str) -> None:
     ]
     lines += [f"  {v.number:>3}  {v.state:<18} {v.key_id}" for v in info.versions]
     ctx.emit(info.to_dict(), "\n".join(lines))
+
+
+def _versions_table(info: KeyInfo) -> str:
+    lines = [f"{'VERSION':>7}  {'STATE':<18} {'REVOKED':<7}  {'CREATED':<20} KEY ID"]
+    for v in info.versions:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.created_at))
+        note = ""
+        if v.retire_at:
+            note = f"  (retires {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(v.retire_at))})"
+        if v.destroy_after:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.destroy_after))
+            note = f"  (destroyed after {when})"
+        primary = "*" if v.number == info.primary_version else " "
+        lines.append(f"{v.number:>6}{primary}  {v.state:<18} {'yes' if v.revoked else 'no':<7}  "
+                     f"{created:<20} {v.key_id}{note}")
+    return "\n".join(lines)
+
+
+@key.command("versions")
+@click.argument("name")
+@cluster_options
+@handle_errors
+def key_versions(ctx: Context, name: str) -> None:
+    """List a key's versions and their states (* marks the primary)."""
+    with ctx.client("admin") as client:
+        info = client.get_key(name)
+    ctx.emit([v.to_dict() for v in info.versions], _versions_table(info))
+
+
+@key.command("rotate")
+@click.argument("name")
+@click.option("--retire-grace", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Seconds the previous primary stays ACTIVE before it is RETIRED.")
+@cluster_options
+@handle_errors
+def key_rotate(ctx: Context, name: str, retire_grace: float) -> None:
+    """Generate a new primary version in the HSM."""
+    with ctx.client("admin") as client:
+        info = client.rotate_key(name, retire_grace_seconds=retire_grace)
+    ctx.emit(info.to_dict(), f"rotated {name}: version {info.primary_version} is primary\n"
+                             + _versions_table(info))
+
+
+VERSION_OPTION = click.option("--version", "-v", "version", type=click.IntRange(min=1),
+                              required=True, help="Version number.")
+
+
+def _version_command(name: str, method: str, summary: str, done: str) -> None:
+    @key.command(name, help=summary)
+    @click.argument("key_name", metavar="NAME")
+    @VERSION_OPTION
+    @cluster_options
+    @handle_errors
+    def command(ctx: Context, key_name: str, version: int) -> None:
+        with ctx.client("admin") as client:
+            info = getattr(client, method)(key_name, version)
+        ctx.emit(info.to_dict(), f"{done} {key_name} version {version}\n"
+                                 + _versions_table(info))
+
+
+_version_command("disable", "disable_version",
+                 "Pause an ACTIVE or RETIRED version (undo with enable).", "disabled")
+_version_command("enable", "enable_version", "Undo disable.", "enabled")
+_version_command("cancel-destroy", "cancel_destroy",
+                 "Cancel a scheduled destruction; the version returns to its previous state.",
+                 "cancelled destruction of")
+_version_command("set-min-version", "set_min_sign_version",
+                 "Refuse signing with versions below this one.", "minimum signing version of")
+
+
+@key.command("revoke")
+@click.argument("name")
+@VERSION_OPTION
+@cluster_options
+@handle_errors
+def key_revoke(ctx: Context, name: str, version: int) -> None:
+    """Revoke a version (final). Returns once no signer anywhere can sign with it."""
+    with ctx.client("admin") as client:
+        result = client.revoke_version(name, version)
+    ctx.emit(result.to_dict(),
+             f"revoked {name} version {version} at revision {result.revision}; fenced in "
+             f"{result.fence_seconds * 1000:.1f} ms ({len(result.signers_acknowledged)} signers "
+             f"acknowledged, {len(result.signers_lapsed)} lapsed)")
+
+
+@key.command("schedule-destroy")
+@click.argument("name")
+@VERSION_OPTION
+@click.option("--waiting-period", type=click.FloatRange(min=0), default=None,
+              help="Seconds before the key material is destroyed (default: the cluster's, "
+                   "30 days unless configured).")
+@cluster_options
+@handle_errors
+def key_schedule_destroy(ctx: Context, name: str, version: int,
+                         waiting_period: float | None) -> None:
+    """Schedule destruction of a version's key material (cancellable until then)."""
+    with ctx.client("admin") as client:
+        info = client.schedule_destroy(name, version, waiting_seconds=waiting_period)
+    ctx.emit(info.to_dict(), f"scheduled destruction of {name} version {version}\n"
+                             + _versions_table(info))
 
 
 @cli.command()

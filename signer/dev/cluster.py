@@ -5,7 +5,7 @@ Layout of the state directory::
     ca/          development CA, server and client certificates (mTLS everywhere)
     etcd/        etcd members (their own data dirs, ports and logs)
     hsm/         SoftHSM config, token store and the token PIN files (mode 0600)
-    signer-<region>/  signer config, log and pid file
+    signer-<region>-<n>/  each signer's config, log and pid file
     policy.yaml  the default access policy applied at bootstrap
     cluster.json endpoints and credentials for clients
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from signer.dev.ca import DevCa
 from signer.dev.etcd import EtcdCluster, EtcdTls
 from signer.dev.processes import SignerProcess, health_status, new_endpoint
 from signer.dev.softhsm import SoftHsmToken, find_softhsm_module, init_token, write_softhsm_conf
+from signer.dev.tuf import bootstrap_root, tuf_endpoint
 
 TRUST_DOMAIN = "spiffe://signet.dev"
 ADMIN_URI = f"{TRUST_DOMAIN}/admin"
@@ -42,7 +44,10 @@ def default_policy() -> AccessPolicy:
         "version": 1,
         "bindings": [
             {"identity": PIPELINE_URI, "sign": ["*"],
-             "description": "the development pipeline may sign with every key"},
+             "statements": {"predicate_types": ["https://slsa.dev/provenance/v1",
+                                                "https://in-toto.io/attestation/*"]},
+             "description": "the development pipeline may sign with every key, and sign "
+                            "SLSA provenance and in-toto attestations"},
             {"identity": ADMIN_URI, "admin": True,
              "description": "the development administrator"},
         ],
@@ -68,8 +73,13 @@ class DevCluster:
     def cluster_path(self) -> Path:
         return self.state_dir / "cluster.json"
 
-    def _signer(self, region: str) -> SignerProcess:
-        directory = self.state_dir / f"signer-{region}"
+    def signers(self) -> list[SignerProcess]:
+        """Every signer process this state directory has configured."""
+        return [self._signer(d.name.removeprefix("signer-"))
+                for d in sorted(self.state_dir.glob("signer-*")) if d.is_dir()]
+
+    def _signer(self, name: str) -> SignerProcess:
+        directory = self.state_dir / f"signer-{name}"
         endpoint_file = directory / "endpoint"
         if endpoint_file.exists():
             endpoint = endpoint_file.read_text().strip()
@@ -79,7 +89,10 @@ class DevCluster:
             endpoint_file.write_text(endpoint + "\n")
         return SignerProcess(directory, endpoint)
 
-    def up(self, *, etcd_members: int = 1, log: bool = True) -> ClusterFile:
+    def up(
+        self, *, etcd_members: int = 1, signers: int = 1, log: bool = True,
+        signer_settings: Mapping[str, object] | None = None,
+    ) -> ClusterFile:
         """Start (or restart) etcd, the HSM token and the signer; write ``cluster.json``.
 
         Raises ``EtcdLaunchError``, ``SoftHsmSetupError`` or ``SignerLaunchError`` with the
@@ -140,32 +153,38 @@ class DevCluster:
         if asyncio.run(_bootstrap_policy(etcd_config, policy)):
             say("applied the default access policy (pipeline signs, admin administers)")
 
-        signer = self._signer(DEFAULT_REGION)
-        signer.config_path.write_text(yaml.safe_dump({
-            "region": DEFAULT_REGION,
-            "listen": signer.endpoint,
-            "tls": {"cert": str(certs["signer"][0]), "key": str(certs["signer"][1]),
-                    "client_ca": str(ca.cert_path)},
-            "etcd": {"endpoints": list(etcd.endpoints),
-                     "tls": {"ca": str(ca.cert_path), "cert": str(certs["etcd-client"][0]),
-                             "key": str(certs["etcd-client"][1])}},
-            "hsm": {"module": token.module_path, "token_label": label,
-                    "pin_file": str(user_pin_path)},
-            "lease_ttl_seconds": 5,
-        }, sort_keys=False))
         admin_cert, admin_key = certs["admin"]
-        if signer.running:
-            say(f"signer already running at {signer.endpoint}")
-        else:
-            signer.launch(token.child_env())
-            say(f"signer starting at {signer.endpoint} (log: {signer.log_path})")
-        signer.wait_healthy(ca=ca.cert_path, cert=admin_cert, key=admin_key)
-        say("signer is SERVING")
+        processes = [self._signer(f"{DEFAULT_REGION}-{i}") for i in range(signers)]
+        for signer in processes:
+            signer.config_path.write_text(yaml.safe_dump({
+                "region": DEFAULT_REGION,
+                "listen": signer.endpoint,
+                "tls": {"cert": str(certs["signer"][0]), "key": str(certs["signer"][1]),
+                        "client_ca": str(ca.cert_path)},
+                "etcd": {"endpoints": list(etcd.endpoints),
+                         "tls": {"ca": str(ca.cert_path), "cert": str(certs["etcd-client"][0]),
+                                 "key": str(certs["etcd-client"][1])}},
+                "hsm": {"module": token.module_path, "token_label": label,
+                        "pin_file": str(user_pin_path)},
+                "lease_ttl_seconds": 5,
+                "trust": {"http_listen": tuf_endpoint(signer.directory)},
+                **(signer_settings or {}),
+            }, sort_keys=False))
+            if signer.running:
+                say(f"signer already running at {signer.endpoint}")
+            else:
+                signer.launch(token.child_env())
+                say(f"signer starting at {signer.endpoint} (log: {signer.log_path})")
+        for signer in processes:
+            signer.wait_healthy(ca=ca.cert_path, cert=admin_cert, key=admin_key)
+            say(f"signer at {signer.endpoint} is SERVING")
+        trust = self._bootstrap_trust(etcd_config, processes[0], say)
 
         cluster = ClusterFile(
             path=self.cluster_path,
             home_region=DEFAULT_REGION,
-            regions={DEFAULT_REGION: Region(DEFAULT_REGION, (signer.endpoint,))},
+            regions={DEFAULT_REGION: Region(DEFAULT_REGION,
+                                            tuple(s.endpoint for s in processes))},
             etcd_endpoints=etcd.endpoints,
             ca=ca.cert_path,
             identities={
@@ -173,16 +192,26 @@ class DevCluster:
                 "pipeline": Identity(PIPELINE_URI, *certs["pipeline"]),
                 "etcd": Identity(f"{TRUST_DOMAIN}/signer", *certs["etcd-client"]),
             },
+            extra=trust,
         )
         cluster.write()
         say(f"wrote {self.cluster_path}")
         return cluster
 
+    def _bootstrap_trust(self, etcd_config: EtcdConfig, first: SignerProcess,
+                         say: Callable[[str], None]) -> dict[str, object]:
+        """The custodians' part (docs/adr/0007): root v1 lists the online keys the signers
+        just registered, so it can only be signed now. Returns the cluster.json entries."""
+        root_path = asyncio.run(bootstrap_root(etcd_config, self.state_dir))
+        say(f"TUF root v1 signed by custodian keys in {self.state_dir / 'custodians'}; "
+            f"trust bundle published ({root_path})")
+        return {"tuf_url": f"https://{tuf_endpoint(first.directory)}/tuf/",
+                "tuf_root": str(root_path.relative_to(self.state_dir))}
+
     def down(self) -> list[str]:
         """Stop every process ``up`` started; keep the data. Returns what was stopped."""
         stopped = []
-        for directory in sorted(self.state_dir.glob("signer-*")):
-            signer = self._signer(directory.name.removeprefix("signer-"))
+        for signer in self.signers():
             if signer.running:
                 signer.stop()
                 stopped.append(f"signer {signer.endpoint}")

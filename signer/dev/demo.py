@@ -1,7 +1,8 @@
 """``make demo``: the first user journey, end to end, on a real local cluster.
 
 Start a dev cluster, create an HSM key, sign an image digest as the pipeline identity, verify
-the signature with ``openssl pkeyutl`` against the public key Signet publishes, stop the cluster.
+the signature with ``openssl pkeyutl`` against the public key Signet publishes and with
+``signet verify`` against the TUF-verified trust bundle, stop the cluster.
 Every step runs the real ``signet`` CLI and prints the command first.
 """
 
@@ -56,10 +57,16 @@ def main() -> int:
         (work / "signature.der").write_bytes(base64.b64decode(signed["signature"]))
         run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(work / "public.pem"),
              "-in", str(work / "digest.bin"), "-sigfile", str(work / "signature.der")], env)
+        # A verifier fetches the trust bundle (TUF chain from the pinned root, nonce-bound
+        # freshness) and checks the signature against it, with no access to the key store.
+        run([*signet, "bundle", "fetch"], env)
+        run([*signet, "verify", "--digest", f"sha256:{digest}", "--signature",
+             str(work / "signature.der"), "--key", key], env)
         print(
             f"\nverified: signature by key {signed['key']} version {signed['key_version']} "
             f"(key id {signed['key_id'][:16]}…) over sha256:{digest[:16]}… checks out with "
-            "openssl against the public key Signet published."
+            "openssl against the public key Signet published, and against the verified trust "
+            "bundle."
         )
     finally:
         run([*signet, "dev", "down", "--state-dir", str(state_dir)], env, capture=False)

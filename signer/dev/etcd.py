@@ -420,10 +420,11 @@ class EtcdCluster:
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop every member: SIGTERM all, then SIGKILL whatever is left after ``timeout``."""
         for m in self.members:
-            if m.running and m.pid is not None:
+            pid = m.pid  # read once: a member that dies meanwhile reports None
+            if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(m.pid, signal.SIGTERM)
-                    os.kill(m.pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, signal.SIGCONT)
         for m in self.members:
             m.stop(timeout)
 

@@ -49,6 +49,72 @@ class KeyAdminServicer(ServicerBase, keys_pb2_grpc.KeyAdminServicer):
         return keys_pb2.ListKeysResponse(keys=[convert.key_to_pb(k) for k in keys])
 
     @rpc
+    async def RotateKey(self, request: keys_pb2.RotateKeyRequest, context: Context) -> keys_pb2.Key:
+        caller = self.caller(context)
+        if request.retire_grace_seconds < 0:
+            raise InvalidArgument("retire_grace_seconds must not be negative")
+        rotated = await self._admin.get().rotate(
+            caller, request.name, retire_grace_seconds=request.retire_grace_seconds
+        )
+        return convert.key_to_pb(rotated)
+
+    @rpc
+    async def DisableVersion(
+        self, request: keys_pb2.VersionRequest, context: Context
+    ) -> keys_pb2.Key:
+        caller = self.caller(context)
+        return convert.key_to_pb(
+            await self._admin.get().disable(caller, request.name, _version(request.version))
+        )
+
+    @rpc
+    async def EnableVersion(
+        self, request: keys_pb2.VersionRequest, context: Context
+    ) -> keys_pb2.Key:
+        caller = self.caller(context)
+        return convert.key_to_pb(
+            await self._admin.get().enable(caller, request.name, _version(request.version))
+        )
+
+    @rpc
+    async def RevokeVersion(
+        self, request: keys_pb2.VersionRequest, context: Context
+    ) -> keys_pb2.RevokeVersionResponse:
+        caller = self.caller(context)
+        result = await self._admin.get().revoke(caller, request.name, _version(request.version))
+        return convert.revoke_to_pb(result)
+
+    @rpc
+    async def ScheduleDestroy(
+        self, request: keys_pb2.ScheduleDestroyRequest, context: Context
+    ) -> keys_pb2.Key:
+        caller = self.caller(context)
+        if request.waiting_seconds < 0:
+            raise InvalidArgument("waiting_seconds must not be negative")
+        scheduled = await self._admin.get().schedule_destroy(
+            caller, request.name, _version(request.version),
+            waiting_seconds=request.waiting_seconds or None,
+        )
+        return convert.key_to_pb(scheduled)
+
+    @rpc
+    async def CancelDestroy(
+        self, request: keys_pb2.VersionRequest, context: Context
+    ) -> keys_pb2.Key:
+        caller = self.caller(context)
+        return convert.key_to_pb(
+            await self._admin.get().cancel_destroy(caller, request.name, _version(request.version))
+        )
+
+    @rpc
+    async def SetMinSignVersion(
+        self, request: keys_pb2.VersionRequest, context: Context
+    ) -> keys_pb2.Key:
+        caller = self.caller(context)
+        return convert.key_to_pb(await self._admin.get().set_min_sign_version(
+            caller, request.name, _version(request.version)))
+
+    @rpc
     async def SetPolicy(
         self, request: keys_pb2.SetPolicyRequest, context: Context
     ) -> keys_pb2.SetPolicyResponse:
@@ -72,3 +138,9 @@ class KeyAdminServicer(ServicerBase, keys_pb2_grpc.KeyAdminServicer):
             policy_json=json.dumps(stored.policy.to_dict(), sort_keys=True),
             revision=stored.mod_revision,
         )
+
+
+def _version(number: int) -> int:
+    if number < 1:
+        raise InvalidArgument("a version number (1 or more) is required")
+    return number

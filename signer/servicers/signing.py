@@ -31,7 +31,8 @@ class SigningServicer(ServicerBase, signing_pb2_grpc.SigningServicer):
         caller = self.caller(context)
         digest = convert.digest_from_pb(request.digest)
         signature = await self._signing.get().sign_digest(
-            caller, request.key, request.key_version or None, digest
+            caller, request.key, request.key_version or None, digest,
+            request_id=request.request_id,
         )
         return convert.signature_to_pb(signature)
 
@@ -47,7 +48,8 @@ class SigningServicer(ServicerBase, signing_pb2_grpc.SigningServicer):
             except KmsError as error:
                 digests.append(error)
         outcomes = await self._signing.get().sign_batch(
-            caller, request.key, request.key_version or None, digests
+            caller, request.key, request.key_version or None, digests,
+            request_id=request.request_id,
         )
         results = [
             signing_pb2.SignBatchResult(error=convert.item_error_to_pb(outcome))

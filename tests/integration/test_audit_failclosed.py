@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,24 +22,6 @@ from signer.cli.main import cli
 pytestmark = pytest.mark.integration
 
 LOG_ID = "eu-west/signer-1"
-
-
-@pytest.fixture
-def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs, so writes hit a real ENOSPC. Needs root and mount permission; the
-    only reason this test may skip is that the sandbox forbids mounting."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mountpoint)],
-        capture_output=True, text=True, check=False, timeout=30,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"mount is not permitted in this sandbox: {result.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False, timeout=30)
 
 
 def fill(path: Path) -> None:

@@ -55,11 +55,29 @@ class SoftwareHsm:
         return [await self.sign_digest(hsm_id, algorithm, d) for d in digests]
 
 
+class FakeAudit:
+    """Records entries in memory; can be made to fail like a full disk."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, object]] = []
+        self.failing = False
+
+    async def record_signature(self, **fields: object) -> int:
+        if self.failing:
+            raise Unavailable("audit store full")
+        self.entries.append(fields)
+        return len(self.entries) - 1
+
+    async def record_event(self, kind: str, fields: object) -> int:
+        raise AssertionError("signing records signatures only")
+
+
 class FakeView:
     def __init__(self, key: Key, policy: AccessPolicy | None = POLICY) -> None:
         self.record = VersionedKey(key, 7)
         self._policy = policy
         self.current = True
+        self.revision = 7
 
     def require_current(self) -> None:
         if not self.current:
@@ -77,14 +95,20 @@ class FakeView:
         return None
 
 
+AUDIT = FakeAudit()
+
+
 def setup(policy: AccessPolicy | None = POLICY) -> tuple[SigningService, FakeView, SoftwareHsm]:
+    global AUDIT  # noqa: PLW0603 (each test gets a fresh audit double)
+    AUDIT = FakeAudit()
     hsm = SoftwareHsm()
     pair = hsm.add()
     key = Key.new(name="release", algorithm=Algorithm.ECDSA_P256_SHA256,
                   replication=Replication.REGIONAL, public_key_der=pair.public_key_der,
                   hsm_id=pair.hsm_id, now=0.0)
     view = FakeView(key, policy)
-    return SigningService(hsm=hsm, view=view, region="r1"), view, hsm  # type: ignore[arg-type]
+    service = SigningService(hsm=hsm, view=view, region="r1", audit=AUDIT)  # type: ignore[arg-type]
+    return service, view, hsm
 
 
 def digest(n: int = 0) -> Digest:
@@ -177,3 +201,33 @@ def test_a_full_batch_signs_every_item_in_order() -> None:
     for d, result in zip(digests, results, strict=True):
         assert isinstance(result, Signature)
         verify(view, result, d)
+
+
+def test_every_returned_signature_is_audited_first() -> None:
+    service, _, _ = setup()
+    signature = asyncio.run(
+        service.sign_digest(PIPELINE, "release", None, digest(5), request_id="req-1")
+    )
+    assert AUDIT.entries == [{
+        "identity": PIPELINE.identity, "key": "release", "version": 1,
+        "key_id": signature.key_id, "digest": str(digest(5)), "request_id": "req-1",
+        "revision": 7, "region": "r1",
+    }]
+
+
+def test_when_the_audit_log_fails_no_signature_is_returned() -> None:
+    service, _, _ = setup()
+    AUDIT.failing = True
+    with pytest.raises(Unavailable, match="audit store full"):
+        asyncio.run(service.sign_digest(PIPELINE, "release", None, digest()))
+    results = asyncio.run(service.sign_batch(PIPELINE, "release", None, [digest(1), digest(2)]))
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert AUDIT.entries == []
+
+
+def test_batch_items_are_audited_under_their_own_request_ids() -> None:
+    service, _, _ = setup()
+    asyncio.run(service.sign_batch(PIPELINE, "release", None,
+                                   [digest(1), InvalidArgument("bad"), digest(3)],
+                                   request_id="batch"))
+    assert sorted(str(e["request_id"]) for e in AUDIT.entries) == ["batch#0", "batch#2"]

@@ -119,9 +119,9 @@ def test_starts_from_a_snapshot_and_applies_changes(store: FlakyStore, clock: Fa
 
         b = await store.create_key(make_key("b"))
         await view.wait_for_revision(b.mod_revision, timeout=1)
-        assert [v.key.name for v in view.keys()] == ["a", "b"]  # noqa: SIM118 (a list)
+        assert [v.key.name for v in view.all_keys()] == ["a", "b"]
         await store.delete_key("a")
-        await eventually(lambda: len(view.keys()) == 1)
+        await eventually(lambda: len(view.all_keys()) == 1)
         with pytest.raises(NotFound, match="no key named 'a' in key state at revision"):
             view.key("a")
         with pytest.raises(Unavailable, match="did not reach revision 999"):
@@ -153,7 +153,7 @@ def test_compacted_history_is_replaced_by_a_fresh_snapshot(
 
         await eventually(lambda: store.snapshots == 2 and view.revision == b2.mod_revision)
         # The deletion was only in the snapshot.
-        assert [v.key.name for v in view.keys()] == ["b"]  # noqa: SIM118 (a list)
+        assert [v.key.name for v in view.all_keys()] == ["b"]
         assert view.key("b") == b2
         assert a.mod_revision < view.revision
         await eventually(lambda: view.current)

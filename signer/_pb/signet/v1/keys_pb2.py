@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from signer._pb.signet.v1 import common_pb2 as signet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14signet/v1/keys.proto\x12\tsignet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16signet/v1/common.proto\"\x9a\x01\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\talgorithm\x18\x02 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12+\n\x0breplication\x18\x03 \x01(\x0e\x32\x16.signet.v1.Replication\x12\x1f\n\x17rotation_period_seconds\x18\x04 \x01(\x03\"\xd2\x01\n\nKeyVersion\x12\x0e\n\x06number\x18\x01 \x01(\r\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.signet.v1.VersionState\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10state_changed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x02\n\x03Key\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\talgorithm\x18\x02 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12+\n\x0breplication\x18\x03 \x01(\x0e\x32\x16.signet.v1.Replication\x12\x17\n\x0fprimary_version\x18\x04 \x01(\r\x12\x18\n\x10min_sign_version\x18\x05 \x01(\r\x12\'\n\x08versions\x18\x06 \x03(\x0b\x32\x15.signet.v1.KeyVersion\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17rotation_period_seconds\x18\x08 \x01(\x03\x12\x10\n\x08revision\x18\t \x01(\x03\"\x1d\n\rGetKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x11\n\x0fListKeysRequest\"0\n\x10ListKeysResponse\x12\x1c\n\x04keys\x18\x01 \x03(\x0b\x32\x0e.signet.v1.Key\"B\n\x10SetPolicyRequest\x12\x13\n\x0bpolicy_json\x18\x01 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"%\n\x11SetPolicyResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\x12\n\x10GetPolicyRequest\":\n\x11GetPolicyResponse\x12\x13\n\x0bpolicy_json\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xcd\x02\n\x08KeyAdmin\x12\x38\n\tCreateKey\x12\x1b.signet.v1.CreateKeyRequest\x1a\x0e.signet.v1.Key\x12\x32\n\x06GetKey\x12\x18.signet.v1.GetKeyRequest\x1a\x0e.signet.v1.Key\x12\x43\n\x08ListKeys\x12\x1a.signet.v1.ListKeysRequest\x1a\x1b.signet.v1.ListKeysResponse\x12\x46\n\tSetPolicy\x12\x1b.signet.v1.SetPolicyRequest\x1a\x1c.signet.v1.SetPolicyResponse\x12\x46\n\tGetPolicy\x12\x1b.signet.v1.GetPolicyRequest\x1a\x1c.signet.v1.GetPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14signet/v1/keys.proto\x12\tsignet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16signet/v1/common.proto\"\x9a\x01\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\talgorithm\x18\x02 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12+\n\x0breplication\x18\x03 \x01(\x0e\x32\x16.signet.v1.Replication\x12\x1f\n\x17rotation_period_seconds\x18\x04 \x01(\x03\"\xc5\x02\n\nKeyVersion\x12\x0e\n\x06number\x18\x01 \x01(\r\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.signet.v1.VersionState\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10state_changed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12-\n\tretire_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdestroy_after\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x02\n\x03Key\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\talgorithm\x18\x02 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12+\n\x0breplication\x18\x03 \x01(\x0e\x32\x16.signet.v1.Replication\x12\x17\n\x0fprimary_version\x18\x04 \x01(\r\x12\x18\n\x10min_sign_version\x18\x05 \x01(\r\x12\'\n\x08versions\x18\x06 \x03(\x0b\x32\x15.signet.v1.KeyVersion\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17rotation_period_seconds\x18\x08 \x01(\x03\x12\x10\n\x08revision\x18\t \x01(\x03\">\n\x10RotateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x14retire_grace_seconds\x18\x02 \x01(\x01\"/\n\x0eVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"P\n\x16ScheduleDestroyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x17\n\x0fwaiting_seconds\x18\x03 \x01(\x01\"\x93\x01\n\x15RevokeVersionResponse\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.signet.v1.Key\x12\x15\n\rfence_seconds\x18\x02 \x01(\x01\x12\x1c\n\x14signers_acknowledged\x18\x03 \x03(\t\x12\x16\n\x0esigners_lapsed\x18\x04 \x03(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x1d\n\rGetKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x11\n\x0fListKeysRequest\"0\n\x10ListKeysResponse\x12\x1c\n\x04keys\x18\x01 \x03(\x0b\x32\x0e.signet.v1.Key\"B\n\x10SetPolicyRequest\x12\x13\n\x0bpolicy_json\x18\x01 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\"%\n\x11SetPolicyResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\x12\n\x10GetPolicyRequest\":\n\x11GetPolicyResponse\x12\x13\n\x0bpolicy_json\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\x90\x06\n\x08KeyAdmin\x12\x38\n\tCreateKey\x12\x1b.signet.v1.CreateKeyRequest\x1a\x0e.signet.v1.Key\x12\x32\n\x06GetKey\x12\x18.signet.v1.GetKeyRequest\x1a\x0e.signet.v1.Key\x12\x43\n\x08ListKeys\x12\x1a.signet.v1.ListKeysRequest\x1a\x1b.signet.v1.ListKeysResponse\x12\x38\n\tRotateKey\x12\x1b.signet.v1.RotateKeyRequest\x1a\x0e.signet.v1.Key\x12;\n\x0e\x44isableVersion\x12\x19.signet.v1.VersionRequest\x1a\x0e.signet.v1.Key\x12:\n\rEnableVersion\x12\x19.signet.v1.VersionRequest\x1a\x0e.signet.v1.Key\x12L\n\rRevokeVersion\x12\x19.signet.v1.VersionRequest\x1a .signet.v1.RevokeVersionResponse\x12\x44\n\x0fScheduleDestroy\x12!.signet.v1.ScheduleDestroyRequest\x1a\x0e.signet.v1.Key\x12:\n\rCancelDestroy\x12\x19.signet.v1.VersionRequest\x1a\x0e.signet.v1.Key\x12>\n\x11SetMinSignVersion\x12\x19.signet.v1.VersionRequest\x1a\x0e.signet.v1.Key\x12\x46\n\tSetPolicy\x12\x1b.signet.v1.SetPolicyRequest\x1a\x1c.signet.v1.SetPolicyResponse\x12\x46\n\tGetPolicy\x12\x1b.signet.v1.GetPolicyRequest\x1a\x1c.signet.v1.GetPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEKEYREQUEST']._serialized_start=93
   _globals['_CREATEKEYREQUEST']._serialized_end=247
   _globals['_KEYVERSION']._serialized_start=250
-  _globals['_KEYVERSION']._serialized_end=460
-  _globals['_KEY']._serialized_start=463
-  _globals['_KEY']._serialized_end=762
-  _globals['_GETKEYREQUEST']._serialized_start=764
-  _globals['_GETKEYREQUEST']._serialized_end=793
-  _globals['_LISTKEYSREQUEST']._serialized_start=795
-  _globals['_LISTKEYSREQUEST']._serialized_end=812
-  _globals['_LISTKEYSRESPONSE']._serialized_start=814
-  _globals['_LISTKEYSRESPONSE']._serialized_end=862
-  _globals['_SETPOLICYREQUEST']._serialized_start=864
-  _globals['_SETPOLICYREQUEST']._serialized_end=930
-  _globals['_SETPOLICYRESPONSE']._serialized_start=932
-  _globals['_SETPOLICYRESPONSE']._serialized_end=969
-  _globals['_GETPOLICYREQUEST']._serialized_start=971
-  _globals['_GETPOLICYREQUEST']._serialized_end=989
-  _globals['_GETPOLICYRESPONSE']._serialized_start=991
-  _globals['_GETPOLICYRESPONSE']._serialized_end=1049
-  _globals['_KEYADMIN']._serialized_start=1052
-  _globals['_KEYADMIN']._serialized_end=1385
+  _globals['_KEYVERSION']._serialized_end=575
+  _globals['_KEY']._serialized_start=578
+  _globals['_KEY']._serialized_end=877
+  _globals['_ROTATEKEYREQUEST']._serialized_start=879
+  _globals['_ROTATEKEYREQUEST']._serialized_end=941
+  _globals['_VERSIONREQUEST']._serialized_start=943
+  _globals['_VERSIONREQUEST']._serialized_end=990
+  _globals['_SCHEDULEDESTROYREQUEST']._serialized_start=992
+  _globals['_SCHEDULEDESTROYREQUEST']._serialized_end=1072
+  _globals['_REVOKEVERSIONRESPONSE']._serialized_start=1075
+  _globals['_REVOKEVERSIONRESPONSE']._serialized_end=1222
+  _globals['_GETKEYREQUEST']._serialized_start=1224
+  _globals['_GETKEYREQUEST']._serialized_end=1253
+  _globals['_LISTKEYSREQUEST']._serialized_start=1255
+  _globals['_LISTKEYSREQUEST']._serialized_end=1272
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1274
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1322
+  _globals['_SETPOLICYREQUEST']._serialized_start=1324
+  _globals['_SETPOLICYREQUEST']._serialized_end=1390
+  _globals['_SETPOLICYRESPONSE']._serialized_start=1392
+  _globals['_SETPOLICYRESPONSE']._serialized_end=1429
+  _globals['_GETPOLICYREQUEST']._serialized_start=1431
+  _globals['_GETPOLICYREQUEST']._serialized_end=1449
+  _globals['_GETPOLICYRESPONSE']._serialized_start=1451
+  _globals['_GETPOLICYRESPONSE']._serialized_end=1509
+  _globals['_KEYADMIN']._serialized_start=1512
+  _globals['_KEYADMIN']._serialized_end=2296
 # @@protoc_insertion_point(module_scope)

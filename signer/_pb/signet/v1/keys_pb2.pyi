@@ -60,14 +60,27 @@ class KeyVersion(_message.Message):
     PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STATE_CHANGED_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    RETIRE_AT_FIELD_NUMBER: _builtins.int
+    DESTROY_AFTER_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     state: _common_pb2.VersionState.ValueType
     key_id: _builtins.str
     public_key_pem: _builtins.str
+    revoked: _builtins.bool
+    """permanent, whatever the state"""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def state_changed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def retire_at(self) -> _timestamp_pb2.Timestamp:
+        """end of an ACTIVE non-primary's grace period"""
+
+    @_builtins.property
+    def destroy_after(self) -> _timestamp_pb2.Timestamp:
+        """when DESTROY_SCHEDULED material goes"""
+
     def __init__(
         self,
         *,
@@ -77,10 +90,13 @@ class KeyVersion(_message.Message):
         public_key_pem: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         state_changed_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked: _builtins.bool = ...,
+        retire_at: _timestamp_pb2.Timestamp | None = ...,
+        destroy_after: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "state_changed_at", b"state_changed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroy_after", b"destroy_after", "retire_at", b"retire_at", "state_changed_at", b"state_changed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "number", b"number", "public_key_pem", b"public_key_pem", "state", b"state", "state_changed_at", b"state_changed_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroy_after", b"destroy_after", "key_id", b"key_id", "number", b"number", "public_key_pem", b"public_key_pem", "retire_at", b"retire_at", "revoked", b"revoked", "state", b"state", "state_changed_at", b"state_changed_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,6 +147,115 @@ class Key(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Key: _TypeAlias = Key  # noqa: Y015
+
+@_typing.final
+class RotateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RETIRE_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    retire_grace_seconds: _builtins.float
+    """0 = retire the previous primary at once"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        retire_grace_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "retire_grace_seconds", b"retire_grace_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyRequest: _TypeAlias = RotateKeyRequest  # noqa: Y015
+
+@_typing.final
+class VersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionRequest: _TypeAlias = VersionRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleDestroyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WAITING_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    waiting_seconds: _builtins.float
+    """0 = the cluster default (30 days unless configured)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        waiting_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version", "waiting_seconds", b"waiting_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleDestroyRequest: _TypeAlias = ScheduleDestroyRequest  # noqa: Y015
+
+@_typing.final
+class RevokeVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FENCE_SECONDS_FIELD_NUMBER: _builtins.int
+    SIGNERS_ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
+    SIGNERS_LAPSED_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    fence_seconds: _builtins.float
+    """how long until every signer had applied it"""
+    revision: _builtins.int
+    """etcd revision of the revocation"""
+    @_builtins.property
+    def key(self) -> Global___Key: ...
+    @_builtins.property
+    def signers_acknowledged(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def signers_lapsed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """registered signers that lost their lease instead"""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+        fence_seconds: _builtins.float = ...,
+        signers_acknowledged: _abc.Iterable[_builtins.str] | None = ...,
+        signers_lapsed: _abc.Iterable[_builtins.str] | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence_seconds", b"fence_seconds", "key", b"key", "revision", b"revision", "signers_acknowledged", b"signers_acknowledged", "signers_lapsed", b"signers_lapsed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeVersionResponse: _TypeAlias = RevokeVersionResponse  # noqa: Y015
 
 @_typing.final
 class GetKeyRequest(_message.Message):

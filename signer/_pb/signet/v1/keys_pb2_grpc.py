@@ -51,6 +51,41 @@ class KeyAdminStub:
                 request_serializer=signet_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=signet_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/signet.v1.KeyAdmin/RotateKey',
+                request_serializer=signet_dot_v1_dot_keys__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
+        self.DisableVersion = channel.unary_unary(
+                '/signet.v1.KeyAdmin/DisableVersion',
+                request_serializer=signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
+        self.EnableVersion = channel.unary_unary(
+                '/signet.v1.KeyAdmin/EnableVersion',
+                request_serializer=signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
+        self.RevokeVersion = channel.unary_unary(
+                '/signet.v1.KeyAdmin/RevokeVersion',
+                request_serializer=signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.RevokeVersionResponse.FromString,
+                _registered_method=True)
+        self.ScheduleDestroy = channel.unary_unary(
+                '/signet.v1.KeyAdmin/ScheduleDestroy',
+                request_serializer=signet_dot_v1_dot_keys__pb2.ScheduleDestroyRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
+        self.CancelDestroy = channel.unary_unary(
+                '/signet.v1.KeyAdmin/CancelDestroy',
+                request_serializer=signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
+        self.SetMinSignVersion = channel.unary_unary(
+                '/signet.v1.KeyAdmin/SetMinSignVersion',
+                request_serializer=signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
         self.SetPolicy = channel.unary_unary(
                 '/signet.v1.KeyAdmin/SetPolicy',
                 request_serializer=signet_dot_v1_dot_keys__pb2.SetPolicyRequest.SerializeToString,
@@ -86,6 +121,54 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """Add a new primary version; the previous primary retires (after the grace period, if any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableVersion(self, request, context):
+        """Pause an ACTIVE or RETIRED version (reversible with EnableVersion).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeVersion(self, request, context):
+        """Revoke a version (final). Returns only once every signer in every region has applied the
+        revocation or lost its lease; UNAVAILABLE if that does not happen in time (retry waits again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScheduleDestroy(self, request, context):
+        """Schedule destruction of the version's key material after a waiting period (cancellable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelDestroy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMinSignVersion(self, request, context):
+        """Refuse signing with versions below this number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPolicy(self, request, context):
         """Replace the access policy (JSON). ABORTED if expected_revision no longer matches.
         """
@@ -116,6 +199,41 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=signet_dot_v1_dot_keys__pb2.ListKeysRequest.FromString,
                     response_serializer=signet_dot_v1_dot_keys__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.RotateKeyRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'DisableVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableVersion,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.VersionRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'EnableVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableVersion,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.VersionRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'RevokeVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeVersion,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.VersionRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.RevokeVersionResponse.SerializeToString,
+            ),
+            'ScheduleDestroy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScheduleDestroy,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.ScheduleDestroyRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'CancelDestroy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelDestroy,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.VersionRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'SetMinSignVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMinSignVersion,
+                    request_deserializer=signet_dot_v1_dot_keys__pb2.VersionRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_keys__pb2.Key.SerializeToString,
             ),
             'SetPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPolicy,
@@ -210,6 +328,195 @@ class KeyAdmin:
             '/signet.v1.KeyAdmin/ListKeys',
             signet_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
             signet_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/RotateKey',
+            signet_dot_v1_dot_keys__pb2.RotateKeyRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/DisableVersion',
+            signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/EnableVersion',
+            signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/RevokeVersion',
+            signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.RevokeVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScheduleDestroy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/ScheduleDestroy',
+            signet_dot_v1_dot_keys__pb2.ScheduleDestroyRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelDestroy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/CancelDestroy',
+            signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMinSignVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.KeyAdmin/SetMinSignVersion',
+            signet_dot_v1_dot_keys__pb2.VersionRequest.SerializeToString,
+            signet_dot_v1_dot_keys__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,

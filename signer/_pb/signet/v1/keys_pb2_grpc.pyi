@@ -38,6 +38,20 @@ class KeyAdminStub:
     """Generate a key pair inside the HSM and record it as version 1. ALREADY_EXISTS on a taken name."""
     GetKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetKeyRequest, _keys_pb2.Key]
     ListKeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListKeysRequest, _keys_pb2.ListKeysResponse]
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RotateKeyRequest, _keys_pb2.Key]
+    """Add a new primary version; the previous primary retires (after the grace period, if any)."""
+    DisableVersion: _grpc.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]
+    """Pause an ACTIVE or RETIRED version (reversible with EnableVersion)."""
+    EnableVersion: _grpc.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]
+    RevokeVersion: _grpc.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.RevokeVersionResponse]
+    """Revoke a version (final). Returns only once every signer in every region has applied the
+    revocation or lost its lease; UNAVAILABLE if that does not happen in time (retry waits again).
+    """
+    ScheduleDestroy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ScheduleDestroyRequest, _keys_pb2.Key]
+    """Schedule destruction of the version's key material after a waiting period (cancellable)."""
+    CancelDestroy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]
+    SetMinSignVersion: _grpc.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]
+    """Refuse signing with versions below this number."""
     SetPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.SetPolicyRequest, _keys_pb2.SetPolicyResponse]
     """Replace the access policy (JSON). ABORTED if expected_revision no longer matches."""
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetPolicyRequest, _keys_pb2.GetPolicyResponse]
@@ -51,6 +65,20 @@ class KeyAdminAsyncStub(KeyAdminStub):
     """Generate a key pair inside the HSM and record it as version 1. ALREADY_EXISTS on a taken name."""
     GetKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetKeyRequest, _keys_pb2.Key]  # type: ignore[assignment]
     ListKeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListKeysRequest, _keys_pb2.ListKeysResponse]  # type: ignore[assignment]
+    RotateKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.RotateKeyRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    """Add a new primary version; the previous primary retires (after the grace period, if any)."""
+    DisableVersion: _aio.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    """Pause an ACTIVE or RETIRED version (reversible with EnableVersion)."""
+    EnableVersion: _aio.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    RevokeVersion: _aio.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.RevokeVersionResponse]  # type: ignore[assignment]
+    """Revoke a version (final). Returns only once every signer in every region has applied the
+    revocation or lost its lease; UNAVAILABLE if that does not happen in time (retry waits again).
+    """
+    ScheduleDestroy: _aio.UnaryUnaryMultiCallable[_keys_pb2.ScheduleDestroyRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    """Schedule destruction of the version's key material after a waiting period (cancellable)."""
+    CancelDestroy: _aio.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    SetMinSignVersion: _aio.UnaryUnaryMultiCallable[_keys_pb2.VersionRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    """Refuse signing with versions below this number."""
     SetPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.SetPolicyRequest, _keys_pb2.SetPolicyResponse]  # type: ignore[assignment]
     """Replace the access policy (JSON). ABORTED if expected_revision no longer matches."""
     GetPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetPolicyRequest, _keys_pb2.GetPolicyResponse]  # type: ignore[assignment]
@@ -79,6 +107,62 @@ class KeyAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.ListKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.ListKeysResponse, _abc.Awaitable[_keys_pb2.ListKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _keys_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
+        """Add a new primary version; the previous primary retires (after the grace period, if any)."""
+
+    @_abc_1.abstractmethod
+    def DisableVersion(
+        self,
+        request: _keys_pb2.VersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
+        """Pause an ACTIVE or RETIRED version (reversible with EnableVersion)."""
+
+    @_abc_1.abstractmethod
+    def EnableVersion(
+        self,
+        request: _keys_pb2.VersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeVersion(
+        self,
+        request: _keys_pb2.VersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.RevokeVersionResponse, _abc.Awaitable[_keys_pb2.RevokeVersionResponse]]:
+        """Revoke a version (final). Returns only once every signer in every region has applied the
+        revocation or lost its lease; UNAVAILABLE if that does not happen in time (retry waits again).
+        """
+
+    @_abc_1.abstractmethod
+    def ScheduleDestroy(
+        self,
+        request: _keys_pb2.ScheduleDestroyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
+        """Schedule destruction of the version's key material after a waiting period (cancellable)."""
+
+    @_abc_1.abstractmethod
+    def CancelDestroy(
+        self,
+        request: _keys_pb2.VersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]: ...
+
+    @_abc_1.abstractmethod
+    def SetMinSignVersion(
+        self,
+        request: _keys_pb2.VersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
+        """Refuse signing with versions below this number."""
 
     @_abc_1.abstractmethod
     def SetPolicy(

@@ -250,3 +250,161 @@ class GetPublicKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPublicKeyResponse: _TypeAlias = GetPublicKeyResponse  # noqa: Y015
+
+@_typing.final
+class SignStatementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    STATEMENT_JSON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    key_version: _builtins.int
+    """0 = the primary version"""
+    statement_json: _builtins.bytes
+    """an in-toto Statement v1, at most 1 MiB"""
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        statement_json: _builtins.bytes = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_version", b"key_version", "request_id", b"request_id", "statement_json", b"statement_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignStatementRequest: _TypeAlias = SignStatementRequest  # noqa: Y015
+
+@_typing.final
+class SignStatementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_JSON_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    envelope_json: _builtins.bytes
+    """DSSE envelope, payloadType application/vnd.in-toto+json"""
+    key: _builtins.str
+    key_version: _builtins.int
+    key_id: _builtins.str
+    """also the envelope signature's keyid"""
+    revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        envelope_json: _builtins.bytes = ...,
+        key: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope_json", b"envelope_json", "key", b"key", "key_id", b"key_id", "key_version", b"key_version", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignStatementResponse: _TypeAlias = SignStatementResponse  # noqa: Y015
+
+@_typing.final
+class SignImageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AnnotationsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KEY_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    IMAGE_REFERENCE_FIELD_NUMBER: _builtins.int
+    MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    key_version: _builtins.int
+    image_reference: _builtins.str
+    """registry/repo, optionally with @sha256:HEX"""
+    manifest_digest: _builtins.str
+    """sha256:HEX; may be empty when the reference has one"""
+    request_id: _builtins.str
+    @_builtins.property
+    def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """cosign "optional" section"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        image_reference: _builtins.str = ...,
+        manifest_digest: _builtins.str = ...,
+        annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "image_reference", b"image_reference", "key", b"key", "key_version", b"key_version", "manifest_digest", b"manifest_digest", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignImageRequest: _TypeAlias = SignImageRequest  # noqa: Y015
+
+@_typing.final
+class SignImageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """the simple-signing JSON payload, exactly the bytes signed"""
+    signature: _builtins.bytes
+    """DER ECDSA or RSA-PSS bytes over SHA-256(payload)"""
+    key: _builtins.str
+    key_version: _builtins.int
+    key_id: _builtins.str
+    revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        key: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_id", b"key_id", "key_version", b"key_version", "payload", b"payload", "revision", b"revision", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignImageResponse: _TypeAlias = SignImageResponse  # noqa: Y015

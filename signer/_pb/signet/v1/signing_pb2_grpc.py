@@ -52,6 +52,16 @@ class SigningStub:
                 request_serializer=signet_dot_v1_dot_signing__pb2.GetPublicKeyRequest.SerializeToString,
                 response_deserializer=signet_dot_v1_dot_signing__pb2.GetPublicKeyResponse.FromString,
                 _registered_method=True)
+        self.SignStatement = channel.unary_unary(
+                '/signet.v1.Signing/SignStatement',
+                request_serializer=signet_dot_v1_dot_signing__pb2.SignStatementRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_signing__pb2.SignStatementResponse.FromString,
+                _registered_method=True)
+        self.SignImage = channel.unary_unary(
+                '/signet.v1.Signing/SignImage',
+                request_serializer=signet_dot_v1_dot_signing__pb2.SignImageRequest.SerializeToString,
+                response_deserializer=signet_dot_v1_dot_signing__pb2.SignImageResponse.FromString,
+                _registered_method=True)
 
 
 class SigningServicer:
@@ -80,6 +90,22 @@ class SigningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignStatement(self, request, context):
+        """Validate an in-toto Statement v1 against the caller's statement policy and return it in
+        a DSSE envelope signed over the PAE. FAILED_PRECONDITION names a failing policy rule, or an
+        Ed25519 key (DSSE needs ECDSA P-256 or RSA-PSS keys here).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignImage(self, request, context):
+        """Build the cosign simple-signing payload for a digest-pinned image and sign it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SigningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +123,16 @@ def add_SigningServicer_to_server(servicer, server):
                     servicer.GetPublicKey,
                     request_deserializer=signet_dot_v1_dot_signing__pb2.GetPublicKeyRequest.FromString,
                     response_serializer=signet_dot_v1_dot_signing__pb2.GetPublicKeyResponse.SerializeToString,
+            ),
+            'SignStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignStatement,
+                    request_deserializer=signet_dot_v1_dot_signing__pb2.SignStatementRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_signing__pb2.SignStatementResponse.SerializeToString,
+            ),
+            'SignImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignImage,
+                    request_deserializer=signet_dot_v1_dot_signing__pb2.SignImageRequest.FromString,
+                    response_serializer=signet_dot_v1_dot_signing__pb2.SignImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +218,60 @@ class Signing:
             '/signet.v1.Signing/GetPublicKey',
             signet_dot_v1_dot_signing__pb2.GetPublicKeyRequest.SerializeToString,
             signet_dot_v1_dot_signing__pb2.GetPublicKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.Signing/SignStatement',
+            signet_dot_v1_dot_signing__pb2.SignStatementRequest.SerializeToString,
+            signet_dot_v1_dot_signing__pb2.SignStatementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signet.v1.Signing/SignImage',
+            signet_dot_v1_dot_signing__pb2.SignImageRequest.SerializeToString,
+            signet_dot_v1_dot_signing__pb2.SignImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

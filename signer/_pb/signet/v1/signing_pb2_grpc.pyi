@@ -42,6 +42,13 @@ class SigningStub:
     """Sign up to 1,024 digests with one key. Each item gets its own result or error, in order."""
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_signing_pb2.GetPublicKeyRequest, _signing_pb2.GetPublicKeyResponse]
     """The public key of a version (the primary one when version is 0), as PEM."""
+    SignStatement: _grpc.UnaryUnaryMultiCallable[_signing_pb2.SignStatementRequest, _signing_pb2.SignStatementResponse]
+    """Validate an in-toto Statement v1 against the caller's statement policy and return it in
+    a DSSE envelope signed over the PAE. FAILED_PRECONDITION names a failing policy rule, or an
+    Ed25519 key (DSSE needs ECDSA P-256 or RSA-PSS keys here).
+    """
+    SignImage: _grpc.UnaryUnaryMultiCallable[_signing_pb2.SignImageRequest, _signing_pb2.SignImageResponse]
+    """Build the cosign simple-signing payload for a digest-pinned image and sign it."""
 
 @_typing.type_check_only
 class SigningAsyncStub(SigningStub):
@@ -56,6 +63,13 @@ class SigningAsyncStub(SigningStub):
     """Sign up to 1,024 digests with one key. Each item gets its own result or error, in order."""
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_signing_pb2.GetPublicKeyRequest, _signing_pb2.GetPublicKeyResponse]  # type: ignore[assignment]
     """The public key of a version (the primary one when version is 0), as PEM."""
+    SignStatement: _aio.UnaryUnaryMultiCallable[_signing_pb2.SignStatementRequest, _signing_pb2.SignStatementResponse]  # type: ignore[assignment]
+    """Validate an in-toto Statement v1 against the caller's statement policy and return it in
+    a DSSE envelope signed over the PAE. FAILED_PRECONDITION names a failing policy rule, or an
+    Ed25519 key (DSSE needs ECDSA P-256 or RSA-PSS keys here).
+    """
+    SignImage: _aio.UnaryUnaryMultiCallable[_signing_pb2.SignImageRequest, _signing_pb2.SignImageResponse]  # type: ignore[assignment]
+    """Build the cosign simple-signing payload for a digest-pinned image and sign it."""
 
 class SigningServicer(metaclass=_abc_1.ABCMeta):
     """Signing is what build pipelines call. Every call needs an mTLS identity that the access
@@ -85,5 +99,24 @@ class SigningServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_signing_pb2.GetPublicKeyResponse, _abc.Awaitable[_signing_pb2.GetPublicKeyResponse]]:
         """The public key of a version (the primary one when version is 0), as PEM."""
+
+    @_abc_1.abstractmethod
+    def SignStatement(
+        self,
+        request: _signing_pb2.SignStatementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_signing_pb2.SignStatementResponse, _abc.Awaitable[_signing_pb2.SignStatementResponse]]:
+        """Validate an in-toto Statement v1 against the caller's statement policy and return it in
+        a DSSE envelope signed over the PAE. FAILED_PRECONDITION names a failing policy rule, or an
+        Ed25519 key (DSSE needs ECDSA P-256 or RSA-PSS keys here).
+        """
+
+    @_abc_1.abstractmethod
+    def SignImage(
+        self,
+        request: _signing_pb2.SignImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_signing_pb2.SignImageResponse, _abc.Awaitable[_signing_pb2.SignImageResponse]]:
+        """Build the cosign simple-signing payload for a digest-pinned image and sign it."""
 
 def add_SigningServicer_to_server(servicer: SigningServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

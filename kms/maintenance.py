@@ -1,0 +1,83 @@
+"""Background lifecycle work in every signer process.
+
+- Every signer removes from its own HSM the key material of versions that became DESTROYED.
+- One signer in the whole cluster, elected through etcd (a role claimed under its lease),
+  rotates keys whose rotation period has passed, retires versions whose grace period ended,
+  and destroys versions whose waiting period ended. Each change is a compare-and-swap, so
+  even two leaders at once (a lease lapsing mid-round) cannot rotate a key twice for one
+  period: the second swap loses and its new HSM key pair is removed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kms.admin import KeyAdministration
+from kms.domain.keys import VersionState
+from kms.errors import Conflict, KmsError
+from kms.ports import Clock, FenceRegistry, Hsm
+from kms.signing import Caller
+from kms.state.view import KeyStateView
+
+log = logging.getLogger(__name__)
+
+SYSTEM = Caller("system://signet/maintenance", unrestricted=True)
+ROLE = "maintenance"
+
+
+class KeyMaintenance:
+    def __init__(
+        self, *, admin: KeyAdministration, registry: FenceRegistry, hsm: Hsm,
+        view: KeyStateView, clock: Clock, signer_id: str, interval: float = 1.0,
+    ) -> None:
+        self._admin = admin
+        self._registry = registry
+        self._hsm = hsm
+        self._view = view
+        self._clock = clock
+        self._signer_id = signer_id
+        self._interval = interval
+        self._removed: set[bytes] = set()
+        self.rotations = 0  # automatic rotations this process made (for tests and metrics)
+
+    async def run(self) -> None:
+        """Loop until cancelled; a failed round is logged and retried next interval."""
+        while True:
+            try:
+                await self.round()
+            except KmsError as error:
+                log.warning("maintenance round failed: %s", error.diagnostics())
+            await asyncio.sleep(self._interval)
+
+    async def round(self) -> None:
+        await self._remove_destroyed_material()
+        lease = self._view.lease_id
+        if lease is None or not self._view.current:
+            return
+        if not await self._registry.try_lead(ROLE, self._signer_id, lease):
+            return
+        now = self._clock.now()
+        for versioned in self._view.all_keys():
+            key = versioned.key
+            try:
+                if key.due_for_rotation(now):
+                    await self._admin.rotate(SYSTEM, key.name)
+                    self.rotations += 1
+                    log.info("rotated key %s automatically (period %ss)", key.name,
+                             key.rotation_period_seconds)
+                    continue
+                due, _ = key.retire_due(now).destroy_due(now)
+                if due != key:
+                    await self._admin.apply_due(SYSTEM, key.name, now)
+            except Conflict:
+                log.info("key %s changed during maintenance; next round retries", key.name)
+
+    async def _remove_destroyed_material(self) -> None:
+        for versioned in self._view.all_keys():
+            for version in versioned.key.versions:
+                if version.state is VersionState.DESTROYED and version.hsm_id not in self._removed:
+                    await self._hsm.destroy_key_pair(version.hsm_id)
+                    self._removed.add(version.hsm_id)
+                    log.warning("removed HSM key material of %s version %d",
+                                versioned.key.name, version.number)

@@ -44,6 +44,7 @@ import yaml
 
 from kms.admin import LifecycleSettings
 from kms.errors import InvalidArgument
+from kms.state.etcd import EtcdConfig
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,10 @@ class ServerConfig:
             isinstance(e, str) and ":" in e for e in endpoints
         ):
             raise InvalidArgument("config etcd.endpoints must be a list of host:port")
+        try:
+            EtcdConfig(endpoints=tuple(endpoints)).grpc_target()
+        except ValueError as error:
+            raise InvalidArgument(f"config etcd.endpoints: {error}") from None
         etcd_tls = None if etcd.get("tls") is None else tls_files(etcd["tls"], "etcd.tls", "ca")
 
         hsm = section("hsm")

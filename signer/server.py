@@ -116,6 +116,53 @@ async def _open_audit(
     )
 
 
+async def _open_hsm(config: ServerConfig) -> Pkcs11Hsm:
+    """Log in to the configured token; the PIN lives only for the call."""
+    pin = load_pin(
+        str(config.hsm.pin_file) if config.hsm.pin_file else None, config.hsm.pin_env
+    )
+    return await Pkcs11Hsm.open(
+        config.hsm.module or find_softhsm_module(), config.hsm.token_label, pin
+    )
+
+
+def _etcd_store(config: ServerConfig) -> EtcdKeyStateStore:
+    tls = config.etcd.tls
+    return EtcdKeyStateStore(
+        EtcdConfig(
+            endpoints=config.etcd.endpoints,
+            ca_file=None if tls is None else tls.ca,
+            cert_file=None if tls is None else tls.cert,
+            key_file=None if tls is None else tls.key,
+            prefix=config.etcd.prefix,
+        )
+    )
+
+
+async def _set_health(health: HealthServicer, *, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in (*SERVICE_NAMES, ""):
+        await health.set(name, status)
+
+
+async def _follow_health(health: HealthServicer, view: KeyStateView,
+                         interval: float = 0.5) -> None:
+    """Report NOT_SERVING while this signer cannot prove its key state is current (etcd out
+    of reach, lease lapsed, watch broken), so probes and load balancers route around it."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        current = view.current
+        if current != serving:
+            serving = current
+            await _set_health(health, serving=serving)
+            if serving:
+                log.info("key state is current again: health SERVING")
+            else:
+                log.warning("cannot prove key state is current: health NOT_SERVING")
+
+
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     if config.tls is None:
         raise ValueError("TLS files are required unless the server runs insecure")
@@ -145,8 +192,7 @@ async def start(config: ServerConfig) -> RunningSigner:
         ]
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in (*SERVICE_NAMES, ""):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health, serving=False)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
@@ -178,23 +224,8 @@ async def start(config: ServerConfig) -> RunningSigner:
     await server.start()
     log.info("listening on %s (port %d), region %s", config.listen, port, config.region)
 
-    pin = load_pin(
-        str(config.hsm.pin_file) if config.hsm.pin_file else None, config.hsm.pin_env
-    )
-    hsm = await Pkcs11Hsm.open(
-        config.hsm.module or find_softhsm_module(), config.hsm.token_label, pin
-    )
-    del pin
-    tls = config.etcd.tls
-    store = EtcdKeyStateStore(
-        EtcdConfig(
-            endpoints=config.etcd.endpoints,
-            ca_file=None if tls is None else tls.ca,
-            cert_file=None if tls is None else tls.cert,
-            key_file=None if tls is None else tls.key,
-            prefix=config.etcd.prefix,
-        )
-    )
+    hsm = await _open_hsm(config)
+    store = _etcd_store(config)
     clock = SystemClock()
     process_name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     signer_id = f"{config.region}/{process_name}"
@@ -232,8 +263,8 @@ async def start(config: ServerConfig) -> RunningSigner:
                                inflight=inflight))
     statements.set(StatementSigning(signing=signing.get(), view=view))
     admin.set(administration)
-    for name in (*SERVICE_NAMES, ""):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health, serving=True)
+    background.append(asyncio.create_task(_follow_health(health, view), name="health"))
     log.info("serving: HSM token %r open, key state at revision %d",
              config.hsm.token_label, view.revision)
     return RunningSigner(server, port, health, view, hsm, store, background, audit)

@@ -48,7 +48,7 @@ for _command in TRUST_COMMANDS:
 
 @cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
-              help="Signer config file (YAML or JSON); see docs/operator.md.")
+              help="Signer config file (YAML or JSON); see docs/operator-guide.md.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @handle_errors

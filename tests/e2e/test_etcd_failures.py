@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from kms.domain.keys import Algorithm, Digest, DigestAlgorithm
+from signer.dev.processes import health_status
 from signer.errors import SignetError
 from tests.fixtures.cluster import RunningCluster
 
@@ -36,6 +37,12 @@ def sign_for(cluster: RunningCluster, key: str, seconds: float) -> list[tuple[fl
                 outcomes.append((time.monotonic(), error.code.name))
                 time.sleep(0.05)
     return outcomes
+
+
+def signer_health(cluster: RunningCluster) -> str:
+    admin = cluster.cluster.identity("admin")
+    return health_status(cluster.cluster.endpoints()[0], ca=cluster.cluster.ca,
+                         cert=admin.cert, key=admin.key)
 
 
 def test_signing_continues_when_the_connected_etcd_member_dies(
@@ -78,9 +85,11 @@ def test_without_etcd_signing_stops_within_a_lease_ttl_and_resumes_by_itself(
         member.pause()
     try:
         during = sign_for(fresh_cluster, "fenced", LEASE_TTL + 2.0)
+        health_while_cut = signer_health(fresh_cluster)
     finally:
         for member in etcd.members:
             member.resume()
+    assert health_while_cut == "NOT_SERVING"  # probes route around a signer that is cut off
     late = [o for t, o in during if t - paused_at > LEASE_TTL]
     assert late, "no attempts after one lease TTL"
     assert set(late) == {"UNAVAILABLE"}, during
@@ -103,3 +112,7 @@ def test_without_etcd_signing_stops_within_a_lease_ttl_and_resumes_by_itself(
         assert time.monotonic() < deadline, "signer did not recover after etcd returned"
         time.sleep(0.2)
     assert fresh_cluster.signer.running
+    deadline = time.monotonic() + 5
+    while signer_health(fresh_cluster) != "SERVING":
+        assert time.monotonic() < deadline, "health did not return to SERVING"
+        time.sleep(0.1)

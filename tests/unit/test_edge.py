@@ -72,6 +72,7 @@ def test_config_resolves_relative_paths(tmp_path: Path) -> None:
         ({"listen": "7443"}, "host:port"),
         ({"tls": None}, "tls must be a mapping"),
         ({"etcd": {"endpoints": []}}, "etcd.endpoints"),
+        ({"etcd": {"endpoints": ["etcd-0:2379", "etcd-1:2379"]}}, "must be IPv4 addresses"),
         ({"hsm": {"token_label": "t"}}, "pin_file or pin_env"),
         ({"hsm": {"token_label": "t", "pin": "1234", "pin_env": "X"}}, "keep the PIN out"),
         ({"lease_ttl_seconds": 0}, "lease_ttl_seconds"),

@@ -1,5 +1,10 @@
 """Store the first access policy in etcd, only if none exists yet (compare-and-swap create).
 
+Superseded by ``signet init --config signer.yaml --custodian NAME=PUB.pem … --threshold M
+--policy FILE`` (docs/adr/0009-custodian-ceremonies.md), which stores the custodian set as well:
+without a custodian set no ceremony — and so no key — can be made. Kept for policy-only
+bootstraps of existing deployments.
+
 ``signet policy apply`` needs an administrator, and administrators are named by the policy, so a
 new cluster's first policy is written straight to etcd. ``signet dev up`` does this for the
 development cluster; this script does it for any other:

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := softhsm2 etcd-server etcd-client p11-kit-modules openssl
+APT_PACKAGES := softhsm2 etcd-server etcd-client p11-kit-modules openssl docker-registry skopeo chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv demo test test-unit test-integration lint proto bench clean
@@ -40,13 +40,14 @@ test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 lint: setup
-	$(VENV)/bin/ruff check signer kms tests
+	$(VENV)/bin/ruff check signer kms tests bench
 	$(VENV)/bin/mypy
 
 proto: setup
 	$(PY) -m signer.proto_gen
 
 bench: setup
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench.run
 
 clean:

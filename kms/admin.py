@@ -1,8 +1,12 @@
 """Key administration use cases: create keys, move versions through their lifecycle, read
 them, change the access policy.
 
-Every administrative action passes through :meth:`KeyAdministration.authorize`, the one place
-where the custodian-approval check of later ceremonies plugs in. Every change is a pure
+Every administrative action passes through :meth:`KeyAdministration.authorize`. Lifecycle
+changes also pass through :meth:`KeyAdministration.require_ceremony`: unless the signer runs
+in the explicit insecure development mode, they are refused with ``PermissionDenied`` naming
+the ``signet ceremony propose`` command, because they must run as custodian ceremonies
+(``kms.ceremony``, DESIGN.md I6). Only the maintenance leader's ``SYSTEM`` caller (automatic
+rotation, retirement and destruction the custodians configured) is exempt. Every change is a pure
 transition of the key (``kms.domain.keys``) applied with a compare-and-swap on the record's etcd
 revision; a lost race is ``Conflict`` (gRPC ``ABORTED``) and nothing is half-written.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kms.domain.keys import Algorithm, Key, Replication, validate_key_name
 from kms.domain.policy import AccessPolicy
@@ -50,6 +54,40 @@ class LifecycleSettings:
     default_destroy_wait_seconds: float = 30 * DAY
     min_destroy_wait_seconds: float = 1 * DAY
 
+    def destroy_wait(self, requested: float | None) -> float:
+        """The waiting period to use for a destruction asked with ``requested`` seconds (None:
+        the default). Raises ``InvalidArgument`` below the minimum."""
+        wait = self.default_destroy_wait_seconds if requested is None else requested
+        if wait < self.min_destroy_wait_seconds:
+            raise InvalidArgument(
+                f"the destruction waiting period must be at least "
+                f"{self.min_destroy_wait_seconds:g} s on this cluster, got {wait:g} s"
+            )
+        return wait
+
+
+# The maintenance leader's caller. Compared by object identity, so no remote caller (whatever
+# URI its certificate carries) can be it; it is exempt from ceremonies because it only carries
+# out schedules the custodians set (rotation periods, grace and waiting periods).
+SYSTEM = Caller("system://signet/maintenance", unrestricted=True)
+
+# Lifecycle actions that need a custodian ceremony, and the command that proposes each.
+CEREMONY_COMMANDS = {
+    "create keys": "create-key NAME --algorithm ALG",
+    "rotate keys": "rotate NAME",
+    "disable key versions": "disable NAME --version N",
+    "enable key versions": "enable NAME --version N",
+    "revoke key versions": "revoke NAME --version N",
+    "schedule key destruction": "schedule-destroy NAME --version N",
+    "cancel key destruction": "cancel-destroy NAME --version N",
+    "set the minimum signing version": "set-min-version NAME --version N",
+    "change the access policy": "policy FILE",
+}
+
+
+class VersionReplicator(Protocol):
+    async def replicate_version(self, key: Key, number: int) -> int: ...
+
 
 @dataclass(frozen=True)
 class RevokeResult:
@@ -61,8 +99,11 @@ class KeyAdministration:
     def __init__(
         self, *, hsm: Hsm, store: KeyStateStore, view: StateView, clock: Clock,
         fence: SignerFence | None = None, settings: LifecycleSettings | None = None,
-        audit: AuditRecorder | None = None,
+        audit: AuditRecorder | None = None, ceremonies_required: bool = True,
+        region: str | None = None, replicator: VersionReplicator | None = None,
     ) -> None:
+        """``region``: recorded as the home region of keys created here. ``replicator``:
+        wraps new multi-region versions for the other regions right away (kms.replication)."""
         self._hsm = hsm
         self._store = store
         self._view = view
@@ -70,6 +111,21 @@ class KeyAdministration:
         self._fence = fence
         self.settings = settings or LifecycleSettings()
         self._audit = audit
+        self.ceremonies_required = ceremonies_required
+        self.region = region
+        self._replicator = replicator
+
+    async def replicate(self, key: Key, number: int) -> None:
+        """Wrap a new multi-region version for the other regions now, so they can unwrap it
+        as soon as they see it. A failure is logged, not raised: the version is committed and
+        the replicator's loop retries."""
+        if self._replicator is None or key.replication is not Replication.MULTI_REGION:
+            return
+        try:
+            await self._replicator.replicate_version(key, number)
+        except KmsError as error:
+            log.warning("key %s version %d is not wrapped for other regions yet (will retry): "
+                        "%s", key.name, number, error)
 
     async def _record(self, caller: Caller, action: str, **fields: Any) -> None:
         """Append an ``admin`` audit entry. The change is already committed in etcd; if the
@@ -91,6 +147,19 @@ class KeyAdministration:
             )
         policy.check_admin(caller.identity)
 
+    def require_ceremony(self, caller: Caller, action: str) -> None:
+        """Raise ``PermissionDenied`` for a direct lifecycle change when ceremonies are
+        required (everywhere but the insecure development mode), naming the command that
+        proposes it instead. Raises what ``authorize`` raises first."""
+        self.authorize(caller, action)
+        if self.ceremonies_required and caller is not SYSTEM:
+            command = CEREMONY_COMMANDS.get(action, "ACTION …")
+            raise PermissionDenied(
+                f"this needs a custodian ceremony: signet ceremony propose {command} — then "
+                "custodians approve it with 'signet ceremony approve ID --key KEY' (direct "
+                f"calls to {action} work only in the insecure development mode)"
+            )
+
     async def create_key(
         self,
         caller: Caller,
@@ -105,7 +174,7 @@ class KeyAdministration:
         Raises ``AlreadyExists`` for a taken name; the HSM object made for a lost race is
         destroyed again, so nothing is left half-created.
         """
-        self.authorize(caller, "create keys")
+        self.require_ceremony(caller, "create keys")
         validate_key_name(name)
         self._view.require_current()
         try:
@@ -120,11 +189,11 @@ class KeyAdministration:
             public_key_der=b"-", hsm_id=b"-", now=self._clock.now(),
             rotation_period_seconds=rotation_period_seconds,
         )
-        pair = await self._generate(name, algorithm, replication, 1)
+        pair = await self.generate(name, algorithm, replication, 1)
         key = Key.new(
             name=name, algorithm=algorithm, replication=replication,
             public_key_der=pair.public_key_der, hsm_id=pair.hsm_id, now=self._clock.now(),
-            rotation_period_seconds=rotation_period_seconds,
+            rotation_period_seconds=rotation_period_seconds, home_region=self.region,
         )
         try:
             created = await self._store.create_key(key)
@@ -137,6 +206,7 @@ class KeyAdministration:
         except Unavailable:
             log.warning("key %s is created but this signer has not seen it yet", name)
         log.info("created key %s (%s, %s)", name, algorithm.value, replication.value)
+        await self.replicate(key, 1)
         await self._record(caller, "create keys", key=name, algorithm=algorithm.value,
                            replication=replication.value, revision=created.mod_revision)
         return created
@@ -156,7 +226,7 @@ class KeyAdministration:
         ``Conflict`` (someone changed the key first: nothing was written, read and retry),
         ``PermissionDenied`` or ``Unavailable``.
         """
-        self.authorize(caller, action)
+        self.require_ceremony(caller, action)
         validate_key_name(name)
         current = await self._store.get_key(name)
         changed = transition(current.key)
@@ -186,12 +256,12 @@ class KeyAdministration:
     ) -> VersionedKey:
         """Generate a new primary version in the HSM; the old primary retires (after the grace
         period, if any). The new HSM key pair is removed again if the swap loses a race."""
-        self.authorize(caller, "rotate keys")
+        self.require_ceremony(caller, "rotate keys")
         validate_key_name(name)
         current = await self._store.get_key(name)
         key = current.key
         number = len(key.versions) + 1
-        pair = await self._generate(key.name, key.algorithm, key.replication, number)
+        pair = await self.generate(key.name, key.algorithm, key.replication, number)
         try:
             rotated = key.rotate(now=self._clock.now(), public_key_der=pair.public_key_der,
                                  hsm_id=pair.hsm_id, retire_grace_seconds=retire_grace_seconds)
@@ -200,11 +270,12 @@ class KeyAdministration:
             await self._discard(pair.hsm_id, name)
             raise
         log.info("rotated key %s to version %d", name, number)
+        await self.replicate(updated.key, number)
         await self._record(caller, "rotate keys", key=name, version=number,
                            revision=updated.mod_revision)
         return updated
 
-    async def _generate(
+    async def generate(
         self, name: str, algorithm: Algorithm, replication: Replication, number: int
     ) -> GeneratedKeyPair:
         """A key pair for version ``number``; only multi-region keys may be wrapped out."""
@@ -244,13 +315,8 @@ class KeyAdministration:
     async def schedule_destroy(
         self, caller: Caller, name: str, version: int, *, waiting_seconds: float | None = None
     ) -> VersionedKey:
-        wait = (self.settings.default_destroy_wait_seconds if waiting_seconds is None
-                else waiting_seconds)
-        if wait < self.settings.min_destroy_wait_seconds:
-            raise InvalidArgument(
-                f"the destruction waiting period must be at least "
-                f"{self.settings.min_destroy_wait_seconds:g} s on this cluster, got {wait:g} s"
-            )
+        self.require_ceremony(caller, "schedule key destruction")
+        wait = self.settings.destroy_wait(waiting_seconds)
         now = self._clock.now()
         return await self._change(caller, "schedule key destruction", name,
                                   lambda k: k.schedule_destroy(version, now=now,
@@ -284,7 +350,7 @@ class KeyAdministration:
     async def set_policy(
         self, caller: Caller, policy: AccessPolicy, expected_revision: int
     ) -> VersionedPolicy:
-        self.authorize(caller, "change the access policy")
+        self.require_ceremony(caller, "change the access policy")
         stored = await self._store.put_policy(policy, expected_revision)
         await self._record(caller, "change the access policy", revision=stored.mod_revision,
                            bindings=len(policy.bindings))

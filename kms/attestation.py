@@ -1,7 +1,8 @@
 """Runtime attestation: compare what a workload reports about itself with its signed
 provenance and a baseline of expected measurements.
 
-``compare`` is pure. ``RuntimeAttestation.attest`` adds the security event on a mismatch.
+``compare`` is pure. ``RuntimeAttestation.attest`` adds the security event on a mismatch: an
+audit entry (kind ``security``), a counter and a ``signet.security`` log line.
 Environment values are never logged or echoed (they may hold secrets): discrepancies name the
 variable only.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kms.errors import InvalidArgument
+from kms.ports import AuditRecorder
 
 security_log = logging.getLogger("signet.security")
 
@@ -140,27 +142,54 @@ def compare(
     return AttestationDecision(not found, tuple(found))
 
 
+SECURITY_EVENT = "runtime_attestation_denied"
+
+
 class RuntimeAttestation:
-    """Decide runtime attestations and record a security event for every denial."""
+    """Decide runtime attestations and record a security event for every denial.
 
-    def __init__(self, baseline: Baseline) -> None:
+    ``audit`` receives a ``security`` entry and ``count_event`` the event kind (a metric)
+    for each denial; either may be None where there is nothing to record to (unit tests).
+    """
+
+    def __init__(
+        self,
+        baseline: Baseline,
+        *,
+        audit: AuditRecorder | None = None,
+        count_event: Callable[[str], None] | None = None,
+    ) -> None:
         self._baseline = baseline
+        self._audit = audit
+        self._count_event = count_event
 
-    def attest(
+    async def attest(
         self,
         identity: str,
         report: AttestationReport,
         provenance_subjects: frozenset[str] | None,
         provenance_problem: str | None = None,
     ) -> AttestationDecision:
-        """Compare (see :func:`compare`); a denial is logged to ``signet.security``."""
+        """Compare (see :func:`compare`). A denial is recorded before it is answered: audit
+        entry, metric, ``signet.security`` log. Raises ``Unavailable`` when the audit entry
+        cannot be written (the agent then gets no answer and must treat that as a denial)."""
         decision = compare(report, self._baseline, provenance_subjects, provenance_problem)
         if not decision.allowed:
+            if self._audit is not None:
+                # Discrepancies name variables and paths, never environment values.
+                await self._audit.record_event("security", {
+                    "event": SECURITY_EVENT,
+                    "identity": identity,
+                    "image_digest": report.image_digest,
+                    "discrepancies": list(decision.discrepancies),
+                })
+            if self._count_event is not None:
+                self._count_event(SECURITY_EVENT)
             security_log.warning(
                 "runtime attestation denied for image %s: %s",
                 report.image_digest, "; ".join(decision.discrepancies),
                 extra={
-                    "event": "runtime_attestation_denied",
+                    "event": SECURITY_EVENT,
                     "caller": identity,
                     "image_digest": report.image_digest,
                     "discrepancies": list(decision.discrepancies),

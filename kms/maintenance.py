@@ -6,6 +6,10 @@
   and destroys versions whose waiting period ended. Each change is a compare-and-swap, so
   even two leaders at once (a lease lapsing mid-round) cannot rotate a key twice for one
   period: the second swap loses and its new HSM key pair is removed again.
+
+Maintenance is exempt from custodian ceremonies (docs/adr/0009): it acts as
+``kms.admin.SYSTEM`` and only carries out what custodians already approved — a key's rotation
+period, a retirement grace period, a destruction waiting period.
 """
 
 from __future__ import annotations
@@ -13,16 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kms.admin import KeyAdministration
+from kms.admin import SYSTEM, KeyAdministration
 from kms.domain.keys import VersionState
 from kms.errors import Conflict, KmsError
 from kms.ports import Clock, FenceRegistry, Hsm
-from kms.signing import Caller
 from kms.state.view import KeyStateView
 
 log = logging.getLogger(__name__)
 
-SYSTEM = Caller("system://signet/maintenance", unrestricted=True)
 ROLE = "maintenance"
 
 

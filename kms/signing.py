@@ -8,18 +8,24 @@ while the HSM was working.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from opentelemetry import trace
 
 from kms.domain.keys import Algorithm, Digest, Key, KeyVersion, VersionState
 from kms.domain.policy import AccessPolicy
-from kms.errors import FailedPrecondition, InvalidArgument, KmsError, PermissionDenied
+from kms.errors import FailedPrecondition, InvalidArgument, KmsError, NotFound, PermissionDenied
 from kms.ports import AuditRecorder, Hsm, VersionedKey
+from kms.replication import check_region, missing_replica
+from kms.requests import RequestLedger, fingerprint
 
 MAX_BATCH = 1024
+_tracer = trace.get_tracer("signet.kms.signing")  # the API only: a no-op until a provider exists
 
 
 class StateView(Protocol):
@@ -108,13 +114,16 @@ class SigningService:
 
     def __init__(
         self, *, hsm: Hsm, view: StateView, region: str, audit: AuditRecorder,
-        inflight: InflightSignatures | None = None,
+        inflight: InflightSignatures | None = None, requests: RequestLedger | None = None,
     ) -> None:
+        """``requests``: remember request ids so a retried SignDigest is signed once
+        (kms.requests); None signs every request."""
         self._hsm = hsm
         self._view = view
         self._region = region
         self._audit = audit
         self.inflight = inflight or InflightSignatures()
+        self._requests = requests
 
     async def _record(
         self, caller: Caller, signature: Signature, digest: Digest, request_id: str
@@ -128,9 +137,12 @@ class SigningService:
     def _prepare(self, caller: Caller, key_name: str) -> VersionedKey:
         if not key_name:
             raise InvalidArgument("a key name is required")
-        self._view.require_current()
-        authorize_sign(self._view, caller, key_name)
-        return self._view.key(key_name)
+        with _tracer.start_as_current_span("authorize", attributes={"signet.key": key_name}):
+            self._view.require_current()
+            authorize_sign(self._view, caller, key_name)
+            versioned = self._view.key(key_name)
+            check_region(versioned.key, self._region)
+            return versioned
 
     def _still_valid(self, key_name: str, version: int) -> None:
         """After C_Sign: refuse to return a signature whose version changed state meanwhile."""
@@ -158,18 +170,54 @@ class SigningService:
         *, request_id: str = "",
     ) -> Signature:
         """Sign one digest. Raises ``InvalidArgument``, ``NotFound``, ``PermissionDenied``,
-        ``FailedPrecondition`` or ``Unavailable``; never returns an unfenced or unaudited
-        signature."""
+        ``FailedPrecondition``, ``Unavailable`` (also for a multi-region version not yet
+        replicated here) or ``Conflict``; never returns an unfenced or unaudited signature.
+        With a request ledger, a request id seen in the window returns the original
+        signature instead of signing again."""
+        if self._requests is None or not request_id:
+            return await self._sign_digest(caller, key_name, version, digest,
+                                           request_id=request_id, commit=None)
+        # Fail fast while this signer cannot prove its state is current (etcd out of reach),
+        # rather than stalling on the request-id claim for the store's whole retry budget.
+        self._view.require_current()
+        bound_to = fingerprint(key_name, str(version or 0), str(digest))
+        return await self._requests.once(
+            caller.identity, request_id, bound_to,
+            lambda commit: self._sign_digest(caller, key_name, version, digest,
+                                             request_id=request_id, commit=commit),
+            encode=_signature_record, decode=_signature_from_record,
+            still_valid=lambda sig: self._still_valid(sig.key, sig.version),
+        )
+
+    async def _sign_digest(
+        self, caller: Caller, key_name: str, version: int | None, digest: Digest, *,
+        request_id: str, commit: Callable[[Signature], Awaitable[None]] | None,
+    ) -> Signature:
         with self.inflight.track(self._view.revision):
             versioned = self._prepare(caller, key_name)
             key_version = versioned.key.signing_version(version, digest)
-            sig = await self._hsm.sign_digest(
-                key_version.hsm_id, versioned.key.algorithm, digest.value
-            )
+            try:
+                sig = await self._hsm.sign_digest(
+                    key_version.hsm_id, versioned.key.algorithm, digest.value
+                )
+            except NotFound:
+                raise missing_replica(versioned.key, key_version.number, self._region) from None
             self._still_valid(key_name, key_version.number)
             result = self._result(versioned.key, key_version, versioned.mod_revision, sig)
             await self._record(caller, result, digest, request_id)
+            if commit is not None:
+                # Inside the in-flight count: a Revoke's fence waits for this too. Shielded:
+                # if the caller gives up now (deadline), the result is still stored, so the
+                # retry gets this signature instead of a second one.
+                await asyncio.shield(commit(result))
             return result
+
+    async def _sign_in_hsm(self, key: Key, version: KeyVersion, digests: list[bytes]
+                           ) -> list[bytes | Exception]:
+        try:
+            return await self._hsm.sign_digests(version.hsm_id, key.algorithm, digests)
+        except NotFound:
+            raise missing_replica(key, version.number, self._region) from None
 
     async def sign_batch(
         self,
@@ -224,9 +272,7 @@ class SigningService:
             todo_digests.append(item)
         if chosen is None:
             return results
-        signed = await self._hsm.sign_digests(
-            chosen.hsm_id, key.algorithm, [d.value for d in todo_digests]
-        )
+        signed = await self._sign_in_hsm(key, chosen, [d.value for d in todo_digests])
         self._still_valid(key_name, chosen.number)
         audited: list[tuple[int, Digest, Signature]] = []
         for index, digest, outcome in zip(todo, todo_digests, signed, strict=True):
@@ -249,3 +295,17 @@ class SigningService:
             else:
                 results[index] = sig
         return results
+
+
+def _signature_record(signature: Signature) -> dict[str, Any]:
+    return {"signature": base64.b64encode(signature.signature).decode(), "key": signature.key,
+            "version": signature.version, "key_id": signature.key_id,
+            "algorithm": signature.algorithm.value, "revision": signature.revision,
+            "region": signature.region}
+
+
+def _signature_from_record(record: Mapping[str, Any]) -> Signature:
+    return Signature(base64.b64decode(record["signature"]), str(record["key"]),
+                     int(record["version"]), str(record["key_id"]),
+                     Algorithm(record["algorithm"]), int(record["revision"]),
+                     str(record["region"]))

@@ -49,10 +49,12 @@ class StatementSigning:
             )
 
     async def _sign_message(
-        self, caller: Caller, key_name: str, version: int | None, message: bytes
+        self, caller: Caller, key_name: str, version: int | None, message: bytes,
+        request_id: str,
     ) -> Signature:
         digest = Digest(DigestAlgorithm.SHA256, hashlib.sha256(message).digest())
-        return await self._signing.sign_digest(caller, key_name, version, digest)
+        return await self._signing.sign_digest(
+            caller, key_name, version, digest, request_id=request_id)
 
     async def sign_statement(
         self,
@@ -61,8 +63,11 @@ class StatementSigning:
         version: int | None,
         statement: Statement,
         pae: bytes,
+        *,
+        request_id: str = "",
     ) -> Signature:
-        """Sign a structurally valid in-toto statement whose DSSE PAE is ``pae``.
+        """Sign a structurally valid in-toto statement whose DSSE PAE is ``pae``; the audit
+        entry carries ``request_id``.
 
         Raises ``InvalidArgument`` (no key name), ``PermissionDenied`` (key not granted, or no
         statement policy for the caller), ``FailedPrecondition`` naming the failing rule or an
@@ -76,7 +81,7 @@ class StatementSigning:
             assert policy is not None  # noqa: S101 -- checked by _policy_check
             policy.check_statement(caller.identity, key_name, statement)
         self._require_message_key(key_name)
-        return await self._sign_message(caller, key_name, version, pae)
+        return await self._sign_message(caller, key_name, version, pae, request_id)
 
     async def sign_image(
         self,
@@ -85,6 +90,8 @@ class StatementSigning:
         version: int | None,
         image_name: str,
         payload: bytes,
+        *,
+        request_id: str = "",
     ) -> Signature:
         """Sign a simple-signing ``payload`` for the image repository ``image_name``
         (``registry/repository``). Raises like :meth:`sign_statement`; a registry outside the
@@ -97,4 +104,4 @@ class StatementSigning:
             assert policy is not None  # noqa: S101 -- checked by _policy_check
             policy.check_image(caller.identity, key_name, image_name)
         self._require_message_key(key_name)
-        return await self._sign_message(caller, key_name, version, payload)
+        return await self._sign_message(caller, key_name, version, payload, request_id)

@@ -2,7 +2,8 @@
 
 Every container, init container and ephemeral container image must be pinned by digest,
 carry a signature by a trusted, non-revoked key, and have provenance that passes the
-verification policy. Signatures and attestations come from a :class:`SignatureStore`.
+verification policy. Signatures and attestations come from a :class:`SignatureSource` (the
+image's OCI registry or a local signature store).
 The answer names the failing image and rule; every decision is logged with each rule checked.
 """
 
@@ -39,15 +40,38 @@ _CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
 class SignatureSource(Protocol):
-    """Where signatures and attestations of an image are found (``SignatureStore``; an OCI
-    registry reader later)."""
+    """Where signatures and attestations of a digest-pinned image are found: a local
+    ``SignatureStore`` or the image's OCI registry (``CosignRegistry``). Both raise
+    ``KmsError`` when they cannot be read."""
 
-    def signature(self, digest_hex: str) -> StoredSignature | None: ...
-    def attestations(self, digest_hex: str) -> list[bytes]: ...
+    def signatures_for(self, image: ImageReference) -> list[StoredSignature]: ...
+    def attestations_for(self, image: ImageReference) -> list[bytes]: ...
 
 
 class MalformedReview(InvalidArgument):
     """The request is not an AdmissionReview this webhook can answer (HTTP 400)."""
+
+
+class DecisionLog:
+    """Admission decisions as JSON lines (time, review uid, allowed, images, message), which
+    the signer's dashboard lists (``dashboard.admission_log``). Appends are serialised, so
+    the webhook's threads never interleave lines; a failed write is logged, not raised, since
+    the decision itself has been made and answered."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def record(self, *, time: float, uid: str, allowed: bool, images: list[str],
+               message: str) -> None:
+        line = json.dumps({"time": time, "uid": uid, "allowed": allowed, "images": images,
+                           "message": message}, sort_keys=True) + "\n"
+        with self._lock:
+            try:
+                with self._path.open("a", encoding="utf-8") as f:
+                    f.write(line)
+            except OSError as error:
+                log.warning("cannot append to the decision log %s: %s", self._path, error)
 
 
 class AdmissionController:
@@ -59,11 +83,13 @@ class AdmissionController:
         resolver: KeyResolver,
         policy: VerificationPolicy,
         clock: Callable[[], float],
+        decisions: DecisionLog | None = None,
     ) -> None:
         self._store = store
         self._resolver = resolver
         self._policy = policy
         self._clock = clock
+        self._decisions = decisions
 
     def check_image(self, text: str) -> Decision:
         """Every rule checked for one image; never raises for a failing check."""
@@ -77,21 +103,35 @@ class AdmissionController:
                 "image-pinned-by-digest", False,
                 f"rule 'image-pinned-by-digest' failed: {text} is not pinned by digest; "
                 f"use {image.name}@sha256:<hex>"),))
-        stored = self._store.signature(image.digest_hex)
-        if stored is None:
-            results: list[RuleResult] = [RuleResult(
-                "image-signature", False,
-                f"rule 'image-signature' failed: no signature for {image.digest} in the store")]
-        else:
-            signature = verify_image_signature(
-                image, stored.payload, stored.signature, self._resolver, self._policy,
-                key_id=stored.key_id)
-            results = list(signature.results)
+        results = list(self._signature(image))
         results.extend(self._provenance(image))
         return Decision(f"image {text}", tuple(results))
 
+    def _signature(self, image: ImageReference) -> tuple[RuleResult, ...]:
+        try:
+            stored = self._store.signatures_for(image)
+        except KmsError as error:
+            return (RuleResult("image-signature", False, "rule 'image-signature' failed: "
+                               f"cannot read signatures: {error.diagnostics()}"),)
+        if not stored:
+            return (RuleResult(
+                "image-signature", False,
+                f"rule 'image-signature' failed: no signature for {image.digest} found"),)
+        decisions = [
+            verify_image_signature(image, s.payload, s.signature, self._resolver, self._policy,
+                                   key_id=s.key_id or None)
+            for s in stored
+        ]
+        # One passing signature is enough (cosign keeps several per image); otherwise
+        # report the first one's rules.
+        return next((d for d in decisions if d.allowed), decisions[0]).results
+
     def _provenance(self, image: ImageReference) -> tuple[RuleResult, ...]:
-        envelopes = self._store.attestations(image.digest_hex)
+        try:
+            envelopes = self._store.attestations_for(image)
+        except KmsError as error:
+            return (RuleResult("provenance", False, "rule 'provenance' failed: cannot read "
+                               f"attestations: {error.diagnostics()}"),)
         if not envelopes:
             return (RuleResult("provenance", False,
                                f"rule 'provenance' failed: no attestation for {image.digest}"),)
@@ -119,10 +159,14 @@ class AdmissionController:
             log.info("admission %s\n%s", uid, "\n".join(decision.lines()))
         failures = [d for d in decisions if not d.allowed]
         if not failures:
-            return _response(uid, True, f"{len(decisions)} image(s) verified")
-        message = "; ".join(
-            f"{d.subject}: {d.first_failure.message}" for d in failures if d.first_failure)
-        return _response(uid, False, message)
+            message = f"{len(decisions)} image(s) verified"
+        else:
+            message = "; ".join(
+                f"{d.subject}: {d.first_failure.message}" for d in failures if d.first_failure)
+        if self._decisions is not None:
+            self._decisions.record(time=self._clock(), uid=str(uid), allowed=not failures,
+                                   images=images, message=message)
+        return _response(uid, not failures, message)
 
 
 def _response(uid: str, allowed: bool, message: str) -> dict[str, Any]:

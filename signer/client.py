@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,13 +20,16 @@ import grpc
 
 from kms.domain.keys import Algorithm, Digest, Replication
 from kms.domain.policy import AccessPolicy
-from kms.signing import Signature
+from kms.signing import MAX_BATCH, Signature
 from signer import convert
 from signer._pb.signet.v1 import keys_pb2, keys_pb2_grpc, signing_pb2, signing_pb2_grpc
+from signer.channels import open_channels
 from signer.cluster import ClusterFile
 from signer.errors import SignetError
 
 T = TypeVar("T")
+# Seconds an endpoint that failed with a retryable status waits behind the others (_call).
+FAILOVER_COOLDOWN = 2.0
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _STATE_NAMES = {v: k for k, v in convert._STATES.items()}
 
@@ -149,15 +153,8 @@ class SignetClient:
             )
         self._timeout = timeout
         self._attempts = attempts_per_endpoint
-        if insecure:
-            self._channels = [grpc.insecure_channel(e) for e in endpoints]
-        else:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=ca.read_bytes() if ca else None,
-                private_key=key.read_bytes() if key else None,
-                certificate_chain=cert.read_bytes() if cert else None,
-            )
-            self._channels = [grpc.secure_channel(e, credentials) for e in endpoints]
+        self._channels = open_channels(endpoints, ca=ca, cert=cert, key=key, insecure=insecure)
+        self._down_until = [0.0] * len(self._channels)  # monotonic; see _call
         self._endpoints = list(endpoints)
 
     @classmethod
@@ -180,17 +177,27 @@ class SignetClient:
         self.close()
 
     def _call(self, invoke: Callable[[grpc.Channel], T]) -> T:
-        """Try each endpoint in order; move on only for retryable failures."""
+        """Try the endpoints in order (the home region's first) and move on only for
+        retryable failures (``UNAVAILABLE``, deadline), up to ``attempts_per_endpoint`` passes
+        with bounded backoff between passes. An endpoint that just failed that way goes to the
+        back of the line for ``FAILOVER_COOLDOWN`` seconds, so a dead or paused region costs
+        one timeout now and then, not one per call."""
         last: grpc.RpcError | None = None
-        for channel in self._channels:
-            for attempt in range(self._attempts):
+        for attempt in range(self._attempts):
+            now = time.monotonic()
+            order = sorted(range(len(self._channels)), key=lambda i: self._down_until[i] > now)
+            for index in order:
                 try:
-                    return invoke(channel)
+                    result = invoke(self._channels[index])
                 except grpc.RpcError as error:
                     last = error
                     if error.code() not in _RETRYABLE:
                         raise SignetError.from_rpc_error(error) from None
-                    time.sleep(min(0.05 * 2**attempt, 0.5))
+                    self._down_until[index] = time.monotonic() + FAILOVER_COOLDOWN
+                    continue
+                self._down_until[index] = 0.0
+                return result
+            time.sleep(min(0.05 * 2**attempt, 0.5))
         if last is None:
             raise ValueError("no endpoints to call")
         raise SignetError.from_rpc_error(last) from None
@@ -224,6 +231,39 @@ class SignetClient:
             else SignetError(grpc.StatusCode(_code(item.error.code)), item.error.message)
             for item in response.results
         ]
+
+    def sign_many(
+        self, key: str, digests: Sequence[Digest], *, version: int | None = None,
+        batch_size: int = 256, concurrency: int = 4, request_id: str | None = None,
+    ) -> list[Signature | SignetError]:
+        """Sign any number of digests: split them into ``SignBatch`` calls of ``batch_size``
+        with up to ``concurrency`` in flight at once (each fails over like ``sign_batch``),
+        and return one result per digest, in the order given. Batch ``n`` carries request id
+        ``<request_id>/<n>``. A failed call raises its ``SignetError`` once the calls already
+        in flight have finished; per-item errors come back in place, as from ``sign_batch``.
+        """
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be from 1 to {MAX_BATCH}")
+        if concurrency < 1:
+            raise ValueError("concurrency must be 1 or more")
+        base = request_id or str(uuid.uuid4())
+        chunks = [digests[i:i + batch_size] for i in range(0, len(digests), batch_size)]
+        if len(chunks) <= 1 or concurrency == 1:
+            return [result for n, chunk in enumerate(chunks) for result in
+                    self.sign_batch(key, chunk, version=version, request_id=f"{base}/{n}")]
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(chunks)),
+                                thread_name_prefix="signet-sign-many") as pool:
+            futures = [
+                pool.submit(self.sign_batch, key, chunk, version=version,
+                            request_id=f"{base}/{n}")
+                for n, chunk in enumerate(chunks)
+            ]
+            try:
+                return [result for future in futures for result in future.result()]
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # calls not started yet are not made
+                raise
 
     def public_key(self, key: str, version: int | None = None) -> PublicKey:
         request = signing_pb2.GetPublicKeyRequest(key=key, version=version or 0)

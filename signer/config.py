@@ -13,6 +13,7 @@ Example::
       token_label: signet-eu-west
       pin_file: /run/secrets/hsm-pin           # or pin_env: SIGNET_HSM_PIN
     lease_ttl_seconds: 5
+    workers: 2                                  # optional; default: one per core (docs/adr/0008)
     audit:                                      # optional; these are the defaults
       directory: audit                          # one log folder per signer process inside
       checkpoint_every_entries: 10000
@@ -27,15 +28,39 @@ Example::
       timestamp_expiry_seconds: 86400           # timestamp.json lifetime
       timestamp_resign_seconds: 3600            # renew the timestamp when it is this old
       metadata_expiry_seconds: 604800           # snapshot and targets lifetime
+    telemetry:                                  # optional; everything off by default
+      metrics_listen: 127.0.0.1:9464            # Prometheus /metrics; "" off; worker N: port+N
+      otlp_endpoint: otel-collector:4317        # OTLP/gRPC trace export; "" off
+      otlp_insecure: false                      # plaintext to the collector
+      console_traces: false                     # print spans (development)
+    attestation:                                # optional; without it Attest is refused
+      baseline: baseline.yaml                   # expected measurements (kms/attestation.py)
+      policy: verification-policy.yaml          # who may sign the provenance, what it shows
+
+    multi_region:                               # optional (docs/adr/0010); these are defaults
+      bootstrap_register: false                 # dev only: register this region's transport
+                                                # key without the onboarding ceremony
+      request_window_seconds: 600               # remember sign request ids this long; 0 off
+
+    ceremonies:                                 # optional (docs/adr/0009)
+      required: true                            # lifecycle changes need custodian ceremonies
+    dashboard:                                  # optional; off without a token file
+      token_file: /run/secrets/dashboard-token  # read-only bearer token (never in the config)
+      reports_dir: drills                       # optional: drill reports (*.json) to list
+      admission_log: admission-decisions.jsonl  # optional: `signet admission serve` decisions
 
 Relative paths are resolved against the file's folder. ``insecure: true`` turns mTLS off for
-development; the signer then warns on every start.
+development; the signer then warns on every start. ``ceremonies: {required: false}`` is the
+INSECURE development mode in which administrators call the lifecycle RPCs (CreateKey,
+RotateKey, RevokeVersion…) directly, without custodians; ``insecure: true`` implies it. The
+signer logs a WARNING on every start in that mode.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +132,62 @@ class TrustConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """``telemetry:`` section (docs/operator-guide.md). ``metrics_listen`` "" turns the
+    Prometheus endpoint off; ``otlp_endpoint`` "" turns trace export off."""
+
+    metrics_listen: str = ""
+    otlp_endpoint: str = ""
+    otlp_insecure: bool = False
+    console_traces: bool = False
+
+
+@dataclass(frozen=True)
+class AttestationConfig:
+    """``attestation:`` section: the files runtime attestation (``Attest``) decides with — the
+    baseline of expected measurements and the verification policy the workload's provenance
+    must pass (docs/verification-policy.md). They are read when the signer starts."""
+
+    baseline: Path
+    policy: Path
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """``dashboard:`` section: the read-only operator page at ``/dashboard`` on the ``/tuf/``
+    HTTPS port (``signer/dashboard.py``). ``token_file`` holds the bearer token; the files
+    are read when the signer starts (the token) or on each page (reports, decisions)."""
+
+    token_file: Path
+    reports_dir: Path | None = None
+    admission_log: Path | None = None
+
+
+@dataclass(frozen=True)
+class MultiRegionConfig:
+    """``multi_region:`` section (docs/adr/0010-multi-region.md)."""
+
+    bootstrap_register: bool = False
+    request_window_seconds: float = 600.0
+
+
+def _multi_region(raw: Any) -> MultiRegionConfig:
+    if not isinstance(raw, Mapping) or set(raw) - {"bootstrap_register",
+                                                   "request_window_seconds"}:
+        raise InvalidArgument("config 'multi_region' must be a mapping with only "
+                              "bootstrap_register and request_window_seconds")
+    register = raw.get("bootstrap_register", False)
+    window = raw.get("request_window_seconds", 600)
+    if not isinstance(register, bool):
+        raise InvalidArgument("config multi_region.bootstrap_register must be true or false")
+    if isinstance(window, bool) or not isinstance(window, int | float) or not (
+            window == 0 or 1 <= window <= 86_400):
+        raise InvalidArgument("config multi_region.request_window_seconds must be 0 (off) or "
+                              "from 1 to 86400")
+    return MultiRegionConfig(register, float(window))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     region: str
     listen: str
@@ -118,6 +199,32 @@ class ServerConfig:
     lifecycle: LifecycleConfig = LifecycleConfig()
     audit: AuditConfig = AuditConfig(Path("audit"))
     trust: TrustConfig = TrustConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    workers: int | None = None  # None: one per core (see ``worker_count``)
+    # False only in the insecure development mode: lifecycle RPCs then skip ceremonies.
+    ceremonies_required: bool = True
+    attestation: AttestationConfig | None = None
+    multi_region: MultiRegionConfig = MultiRegionConfig()
+    dashboard: DashboardConfig | None = None  # None: no token file configured, dashboard off
+
+    def worker_count(self, override: int | None = None) -> int:
+        """How many worker processes ``signet serve`` runs: ``override`` (``--workers``), else
+        ``workers:``, else one per core. More than one needs a fixed listen port, since a port
+        picked by the kernel (``:0``) cannot be shared; without an explicit count such a config
+        runs one process. Raises ``InvalidArgument`` for an explicit count above one on port 0.
+        """
+        explicit = override if override is not None else self.workers
+        if explicit is not None and explicit < 1:
+            raise InvalidArgument("the number of workers must be 1 or more")
+        fixed_port = self.listen.rpartition(":")[2] not in ("", "0")
+        if explicit is None:
+            return (os.cpu_count() or 1) if fixed_port else 1
+        if explicit > 1 and not fixed_port:
+            raise InvalidArgument(
+                f"{explicit} workers cannot share listen port 0 (each would get its own "
+                "port); give 'listen' a fixed port, or run one worker"
+            )
+        return explicit
 
     @classmethod
     def load(cls, path: Path) -> ServerConfig:
@@ -181,20 +288,7 @@ class ServerConfig:
             raise InvalidArgument(f"config etcd.endpoints: {error}") from None
         etcd_tls = None if etcd.get("tls") is None else tls_files(etcd["tls"], "etcd.tls", "ca")
 
-        hsm = section("hsm")
-        label = hsm.get("token_label")
-        if not isinstance(label, str) or not label:
-            raise InvalidArgument("config hsm.token_label must name the PKCS#11 token")
-        pin_file = hsm.get("pin_file")
-        pin_env = hsm.get("pin_env")
-        if pin_file is None and pin_env is None:
-            raise InvalidArgument("config hsm needs pin_file or pin_env (never the PIN itself)")
-        if "pin" in hsm:
-            raise InvalidArgument(
-                "config hsm.pin is not accepted: keep the PIN out of config files; "
-                "use pin_file or pin_env"
-            )
-        module = hsm.get("module")
+        hsm = _hsm(section("hsm"), path)
         ttl = data.get("lease_ttl_seconds", 5)
         if not isinstance(ttl, int) or not 1 <= ttl <= 60:
             raise InvalidArgument("config lease_ttl_seconds must be a whole number from 1 to 60")
@@ -211,19 +305,60 @@ class ServerConfig:
                 tls=etcd_tls,
                 prefix=str(etcd.get("prefix", "/signet/v1")),
             ),
-            hsm=HsmSettings(
-                token_label=label,
-                module=None if module is None else str(module),
-                pin_file=None if pin_file is None else path(pin_file, "hsm.pin_file"),
-                pin_env=None if pin_env is None else str(pin_env),
-            ),
+            hsm=hsm,
             tls=tls,
             insecure=insecure,
             lease_ttl_seconds=ttl,
             lifecycle=lifecycle,
             audit=audit,
             trust=_trust(data.get("trust", {})),
+            telemetry=_telemetry(data.get("telemetry", {})),
+            workers=_workers(data.get("workers")),
+            attestation=_attestation(data.get("attestation"), base),
+            ceremonies_required=_ceremonies_required(data.get("ceremonies", {}), insecure),
+            dashboard=_dashboard(data.get("dashboard"), base),
+            multi_region=_multi_region(data.get("multi_region", {})),
         )
+
+
+def _hsm(raw: Mapping[str, Any], path: Callable[[Any, str], Path]) -> HsmSettings:
+    label = raw.get("token_label")
+    if not isinstance(label, str) or not label:
+        raise InvalidArgument("config hsm.token_label must name the PKCS#11 token")
+    pin_file = raw.get("pin_file")
+    pin_env = raw.get("pin_env")
+    if pin_file is None and pin_env is None:
+        raise InvalidArgument("config hsm needs pin_file or pin_env (never the PIN itself)")
+    if "pin" in raw:
+        raise InvalidArgument(
+            "config hsm.pin is not accepted: keep the PIN out of config files; "
+            "use pin_file or pin_env"
+        )
+    module = raw.get("module")
+    return HsmSettings(
+        token_label=label,
+        module=None if module is None else str(module),
+        pin_file=None if pin_file is None else path(pin_file, "hsm.pin_file"),
+        pin_env=None if pin_env is None else str(pin_env),
+    )
+
+
+def _ceremonies_required(raw: Any, insecure: bool) -> bool:
+    if not isinstance(raw, Mapping) or set(raw) - {"required"}:
+        raise InvalidArgument("config 'ceremonies' must be a mapping with only 'required'")
+    required = raw.get("required", True)
+    if not isinstance(required, bool):
+        raise InvalidArgument("config ceremonies.required must be true or false (false is the "
+                              "insecure development mode)")
+    return required and not insecure
+
+
+def _workers(raw: Any) -> int | None:
+    if raw is not None and (
+        isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 256
+    ):
+        raise InvalidArgument("config 'workers' must be a whole number from 1 to 256")
+    return raw
 
 
 def _lifecycle(raw: Any, lease_ttl: int) -> LifecycleConfig:
@@ -286,3 +421,63 @@ def _trust(raw: Any) -> TrustConfig:
         raise InvalidArgument("config trust.metadata_expiry_seconds must be at least twice "
                               "timestamp_expiry_seconds")
     return trust
+
+
+def _telemetry(raw: Any) -> TelemetryConfig:
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("config 'telemetry' must be a mapping")
+    unknown = set(raw) - set(TelemetryConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config telemetry has unknown fields: {sorted(unknown)}")
+    for name in ("metrics_listen", "otlp_endpoint"):
+        if not isinstance(raw.get(name, ""), str):
+            raise InvalidArgument(f"config telemetry.{name} must be a string")
+    listen = raw.get("metrics_listen", "")
+    if listen and ":" not in listen:
+        raise InvalidArgument("config telemetry.metrics_listen must be host:port, or empty")
+    for name in ("otlp_insecure", "console_traces"):
+        if not isinstance(raw.get(name, False), bool):
+            raise InvalidArgument(f"config telemetry.{name} must be true or false")
+    return TelemetryConfig(**raw)
+
+
+def _attestation(raw: Any, base: Path) -> AttestationConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("config 'attestation' must be a mapping")
+    unknown = set(raw) - set(AttestationConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config attestation has unknown fields: {sorted(unknown)}")
+    files = {}
+    for name in ("baseline", "policy"):
+        value = raw.get(name)
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"config attestation.{name} must be a file path")
+        files[name] = Path(value) if Path(value).is_absolute() else base / value
+    return AttestationConfig(**files)
+
+
+def _dashboard(raw: Any, base: Path) -> DashboardConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("config 'dashboard' must be a mapping")
+    if "token" in raw:
+        raise InvalidArgument("config dashboard.token is not accepted: keep the token out of "
+                              "config files; use token_file")
+    unknown = set(raw) - set(DashboardConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config dashboard has unknown fields: {sorted(unknown)}")
+
+    def file(name: str) -> Path:
+        value = raw.get(name)
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"config dashboard.{name} must be a file path")
+        return Path(value) if Path(value).is_absolute() else base / value
+
+    return DashboardConfig(
+        token_file=file("token_file"),
+        reports_dir=file("reports_dir") if raw.get("reports_dir") is not None else None,
+        admission_log=file("admission_log") if raw.get("admission_log") is not None else None,
+    )

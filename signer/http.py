@@ -4,6 +4,10 @@ TUF metadata is signed and public, so no client certificate is asked for; TLS (t
 server certificate) only keeps the transport private. The server answers ``GET`` and ``HEAD``
 for repository file names and nothing else, one request per connection, with bounded request
 size, read time, response size and concurrency, so a slow or hostile client costs little.
+
+Other read-only pages (the operator dashboard, ``signer/dashboard.py``) plug in as ``routes``:
+a path prefix and an async handler that gets the parsed request (headers, and a small form body
+for ``POST``) and returns the whole response.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kms.errors import KmsError
@@ -25,12 +29,36 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
+MAX_FORM_BYTES = 4 * 1024  # a route's POST body (a login form), read only for routes
 PATH_PREFIX = "/tuf/"
 
 FileReader = Callable[[str], Awaitable[bytes | None]]
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 500: "Internal Server Error",
+_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
+            404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 500: "Internal Server Error",
             503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One parsed request for a route: ``target`` is the path with its query; header names are
+    lower case (a repeated header keeps its last value)."""
+
+    method: str
+    target: str
+    headers: Mapping[str, str]
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[str, ...] = field(default=())
+
+
+RouteHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 
 @dataclass
@@ -54,11 +82,16 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 async def start_tuf_http(listen: str, read_file: FileReader,
-                         tls: ssl.SSLContext | None) -> TufHttpServer:
-    """Serve ``read_file(name)`` at ``/tuf/<name>`` on ``listen`` (host:port, port 0 picks one).
+                         tls: ssl.SSLContext | None,
+                         routes: Mapping[str, RouteHandler] | None = None) -> TufHttpServer:
+    """Serve ``read_file(name)`` at ``/tuf/<name>`` on ``listen`` (host:port, port 0 picks one),
+    and hand requests whose path is a ``routes`` prefix (or starts with prefix + ``/``) to its
+    handler.
 
-    ``read_file`` returns None for a missing file and may raise ``KmsError`` (503).
+    ``read_file`` returns None for a missing file and may raise ``KmsError`` (503); a handler
+    may raise ``KmsError`` too (503).
     """
+    routes = dict(routes or {})
     host, _, port = listen.rpartition(":")
     slots = asyncio.Semaphore(MAX_CONNECTIONS)
 
@@ -68,7 +101,7 @@ async def start_tuf_http(listen: str, read_file: FileReader,
             return
         async with slots:
             try:
-                await _serve_one(reader, writer, read_file)
+                await _serve_one(reader, writer, read_file, routes)
             except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
                 pass  # the client went away or was too slow; nothing to answer
             finally:
@@ -77,15 +110,18 @@ async def start_tuf_http(listen: str, read_file: FileReader,
                     async with asyncio.timeout(1.0):
                         await writer.wait_closed()
 
+    # reuse_port: worker processes of one signer (docs/adr/0008) share the /tuf/ port as they
+    # share the gRPC one; the kernel spreads connections between them.
     server = await asyncio.start_server(handle, host or "127.0.0.1", int(port), ssl=tls,
-                                        limit=MAX_REQUEST_BYTES, ssl_handshake_timeout=READ_TIMEOUT)
+                                        limit=MAX_REQUEST_BYTES, reuse_port=True,
+                                        ssl_handshake_timeout=READ_TIMEOUT)
     bound = server.sockets[0].getsockname()[1]
     return TufHttpServer(server, int(bound))
 
 
 async def _serve_one(  # noqa: PLR0911 - one early answer per way a request can be wrong
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    read_file: FileReader) -> None:
+    read_file: FileReader, routes: Mapping[str, RouteHandler]) -> None:
     try:
         async with asyncio.timeout(READ_TIMEOUT):
             head = await reader.readuntil(b"\r\n\r\n")
@@ -98,10 +134,16 @@ async def _serve_one(  # noqa: PLR0911 - one early answer per way a request can 
         await _respond(writer, 400, b"bad request line\n")
         return
     method, target, _ = parts
+    path = target.split("?", 1)[0]
+    handler = next((h for prefix, h in routes.items()
+                    if path == prefix or path.startswith(prefix + "/")), None)
+    if handler is not None:
+        await _serve_route(reader, writer, handler, method=method, target=target,
+                           header_lines=lines[1:])
+        return
     if method not in ("GET", "HEAD"):
         await _respond(writer, 405, b"only GET and HEAD\n", extra=("Allow: GET, HEAD",))
         return
-    path = target.split("?", 1)[0]
     if not path.startswith(PATH_PREFIX):
         await _respond(writer, 404, b"not found; the TUF repository is at /tuf/\n")
         return
@@ -124,6 +166,47 @@ async def _serve_one(  # noqa: PLR0911 - one early answer per way a request can 
     await _respond(writer, 200, body, content_type=content_type, head_only=method == "HEAD",
                    extra=("Cache-Control: no-cache" if name == "timestamp.json"
                           else "Cache-Control: public, max-age=300, immutable",))
+
+
+async def _serve_route(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: RouteHandler, *,
+    method: str, target: str, header_lines: list[str]) -> None:
+    """Answer one request with ``handler``. Only GET, HEAD and a small POST body are accepted;
+    the target is never logged, since a query may carry a credential."""
+    if method not in ("GET", "HEAD", "POST"):
+        await _respond(writer, 405, b"only GET, HEAD and POST\n",
+                       extra=("Allow: GET, HEAD, POST",))
+        return
+    headers = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    body = b""
+    if method == "POST":
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            await _respond(writer, 400, b"POST needs a Content-Length\n")
+            return
+        if int(length) > MAX_FORM_BYTES:
+            await _respond(writer, 413, b"form too large\n")
+            return
+        async with asyncio.timeout(READ_TIMEOUT):
+            body = await reader.readexactly(int(length))
+    try:
+        response = await handler(HttpRequest(method, target, headers, body))
+    except KmsError as error:
+        log.warning("%s unavailable: %s", target.split("?", 1)[0], error.diagnostics())
+        await _respond(writer, 503, b"unavailable; retry\n")
+        return
+    if len(response.body) > MAX_RESPONSE_BYTES:
+        log.error("response for %s is %d bytes, over the %d byte cap",
+                  target.split("?", 1)[0], len(response.body), MAX_RESPONSE_BYTES)
+        await _respond(writer, 500, b"response too large\n")
+        return
+    await _respond(writer, response.status, response.body,
+                   content_type=response.content_type, head_only=method == "HEAD",
+                   extra=response.headers)
 
 
 async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, *,

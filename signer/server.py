@@ -8,27 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from kms.admin import KeyAdministration
 from kms.audit.checkpoint import Checkpoint, HsmCheckpointSigner
 from kms.audit.log import AuditLog
+from kms.ceremony import Ceremonies
 from kms.errors import KmsError
 from kms.hsm.pkcs11 import Pkcs11Hsm, load_pin
 from kms.maintenance import KeyMaintenance
 from kms.ports import SystemClock
 from kms.region_keys import ensure_region_key
+from kms.replication import KeyReplicator
+from kms.requests import RequestLedger
 from kms.signing import InflightSignatures, SigningService, StateView
 from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
 from kms.state.fence import SignerFence
@@ -38,6 +44,8 @@ from kms.tuf.service import TrustBundleService
 from signer._pb.signet.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
+    ceremony_pb2,
+    ceremony_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
     signing_pb2,
@@ -46,12 +54,26 @@ from signer._pb.signet.v1 import (
     trust_pb2_grpc,
 )
 from signer.config import ServerConfig
+from signer.dashboard import DashboardSources, dashboard_routes, proposal_listing
 from signer.dev.softhsm import find_softhsm_module
-from signer.servicers.attestation import AttestationServicer
+from signer.servicers.attestation import (
+    AttestationServicer,
+    AttestationSetup,
+    load_attestation_setup,
+)
 from signer.servicers.base import Deferred
+from signer.servicers.ceremony import CeremonyServicer
 from signer.servicers.keys import KeyAdminServicer
 from signer.servicers.statements import SupplyChainSigningServicer
 from signer.servicers.trust import TrustServicer, start_trust_distribution
+from signer.telemetry import (
+    TelemetryInterceptor,
+    TracedAudit,
+    TracedHsm,
+    etcd_observer,
+    metrics,
+    setup_tracing,
+)
 from signer.verification import resolver_from_keys
 
 log = logging.getLogger(__name__)
@@ -62,10 +84,16 @@ SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyAdmin"].full_name,
     attestation_pb2.DESCRIPTOR.services_by_name["Attestation"].full_name,
     trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
+    ceremony_pb2.DESCRIPTOR.services_by_name["Ceremony"].full_name,
 )
 INSECURE_WARNING = (
     "INSECURE DEVELOPMENT MODE: mTLS is OFF and every caller may sign with every key and "
     "administer everything. Never run this outside a throwaway development machine."
+)
+NO_CEREMONIES_WARNING = (
+    "INSECURE DEVELOPMENT MODE: custodian ceremonies are OFF (ceremonies.required: false or "
+    "insecure: true); administrators create, rotate, revoke and destroy keys and change the "
+    "policy without any custodian approval. Never run this outside a development machine."
 )
 
 
@@ -116,6 +144,69 @@ async def _open_audit(
     )
 
 
+async def _start_replication(
+    config: ServerConfig, *, hsm: Pkcs11Hsm, store: EtcdKeyStateStore, view: KeyStateView,
+    signer_id: str,
+) -> KeyReplicator | None:
+    """This region's transport key and replicator (docs/adr/0010). A failure leaves signing
+    up (regional keys and replicas already here still sign) and is logged."""
+    replicator = KeyReplicator(hsm=hsm, store=store, view=view, region=config.region,
+                               signer_id=signer_id,
+                               bootstrap_register=config.multi_region.bootstrap_register)
+    try:
+        await replicator.start()
+    except KmsError as error:
+        log.error(  # noqa: TRY400 - the diagnostics say it all; no traceback in the log
+            "multi-region replication is off in this signer: %s", error.diagnostics())
+        return None
+    return replicator
+
+
+def _replication_tasks(replicator: KeyReplicator | None) -> list[asyncio.Task[None]]:
+    if replicator is None:
+        return []
+    return [asyncio.create_task(replicator.run(), name="key-replication")]
+
+
+def _request_ledger(config: ServerConfig, store: EtcdKeyStateStore, signer_id: str
+                    ) -> RequestLedger | None:
+    """Request-id idempotency (kms.requests), unless the window is 0."""
+    window = config.multi_region.request_window_seconds
+    return RequestLedger(store, signer_id=signer_id, window_seconds=window) if window else None
+
+
+@dataclass
+class _Services:
+    """The back ends the servicers use, set once start-up has finished (until then every call
+    answers UNAVAILABLE while health says NOT_SERVING)."""
+
+    attestation: Deferred[AttestationSetup] | None  # None: Attest answers FAILED_PRECONDITION
+    signing: Deferred[SigningService] = field(default_factory=Deferred)
+    admin: Deferred[KeyAdministration] = field(default_factory=Deferred)
+    state: Deferred[StateView] = field(default_factory=Deferred)
+    view: Deferred[KeyStateView] = field(default_factory=Deferred)
+    statements: Deferred[StatementSigning] = field(default_factory=Deferred)
+    trust: Deferred[TrustBundleService] = field(default_factory=Deferred)
+    ceremonies: Deferred[Ceremonies] = field(default_factory=Deferred)
+
+
+def _add_services(server: grpc.aio.Server, config: ServerConfig, services: _Services) -> None:
+    insecure = config.insecure
+    signing_pb2_grpc.add_SigningServicer_to_server(
+        SupplyChainSigningServicer(services.signing, services.state, services.statements,
+                                   insecure=insecure), server)
+    attestation_pb2_grpc.add_AttestationServicer_to_server(
+        AttestationServicer(services.attestation,
+                            lambda: resolver_from_keys(services.view.get().all_keys()),
+                            insecure=insecure), server)
+    keys_pb2_grpc.add_KeyAdminServicer_to_server(
+        KeyAdminServicer(services.admin, insecure=insecure), server)
+    trust_pb2_grpc.add_TrustServicer_to_server(
+        TrustServicer(services.trust, insecure=insecure), server)
+    ceremony_pb2_grpc.add_CeremonyServicer_to_server(
+        CeremonyServicer(services.ceremonies, SystemClock(), insecure=insecure), server)
+
+
 async def _open_hsm(config: ServerConfig) -> Pkcs11Hsm:
     """Log in to the configured token; the PIN lives only for the call."""
     pin = load_pin(
@@ -135,8 +226,48 @@ def _etcd_store(config: ServerConfig) -> EtcdKeyStateStore:
             cert_file=None if tls is None else tls.cert,
             key_file=None if tls is None else tls.key,
             prefix=config.etcd.prefix,
-        )
+        ),
+        observer=etcd_observer(),
     )
+
+
+def _start_telemetry(config: ServerConfig, signer_id: str) -> None:
+    """Trace export and the Prometheus endpoint, as configured (both off by default)."""
+    settings = config.telemetry
+    metrics()  # registered from the start, so alerts see zero baselines
+    if settings.otlp_endpoint or settings.console_traces:
+        setup_tracing(service_name="signet-signer", region=config.region, signer_id=signer_id,
+                      otlp_endpoint=settings.otlp_endpoint or None,
+                      otlp_insecure=settings.otlp_insecure, console=settings.console_traces)
+    if settings.metrics_listen:
+        host, _, port = settings.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host)
+        log.info("Prometheus metrics at http://%s/metrics", settings.metrics_listen)
+
+
+async def _export_gauges(view: KeyStateView, audit: AuditLog,
+                         trust: Deferred[TrustBundleService], interval: float = 1.0) -> None:
+    """Keep the gauges that describe state (not events) current."""
+    recorded = metrics()
+    rounds = 0
+    while True:
+        if rounds % 5 == 0:  # the bundle pointer is one etcd read; every 5 s is plenty
+            with contextlib.suppress(KmsError):
+                publication = await trust.get().publication()
+                if publication is not None:
+                    recorded.bundle_version.set(publication.timestamp_version)
+                    recorded.bundle_age.set(max(0.0, time.time()
+                                                - publication.timestamp_signed_at))
+        rounds += 1
+        recorded.lease_current.set(1 if view.current else 0)
+        recorded.key_state_revision.set(view.revision)
+        recorded.audit_entries.set(audit.size)
+        checkpoint = audit.last_checkpoint
+        if checkpoint is not None:
+            written = datetime.datetime.strptime(checkpoint.time, "%Y-%m-%dT%H:%M:%S.%fZ")
+            age = time.time() - written.replace(tzinfo=datetime.UTC).timestamp()
+            recorded.audit_checkpoint_age.set(max(0.0, age))
+        await asyncio.sleep(interval)
 
 
 async def _set_health(health: HealthServicer, *, serving: bool) -> None:
@@ -175,16 +306,33 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
-async def start(config: ServerConfig) -> RunningSigner:
+async def _listen(server: grpc.aio.Server, config: ServerConfig) -> int:
+    if config.insecure:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, _server_credentials(config))
+    await server.start()
+    log.info("listening on %s (port %d), region %s", config.listen, port, config.region)
+    return port
+
+
+async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> RunningSigner:
     """Open the HSM and etcd, start the server, and mark it SERVING once everything is ready.
+
+    By default the port answers from the start (health NOT_SERVING, calls UNAVAILABLE until
+    ready); with ``listen_when_ready`` it is bound only once everything is ready, which is
+    what a worker sharing the port with its siblings wants.
 
     Raises ``KmsError`` subclasses with a message a person can act on when a dependency cannot
     be reached.
     """
     if config.insecure:
         log.warning(INSECURE_WARNING)
+    if not config.ceremonies_required:
+        log.warning(NO_CEREMONIES_WARNING)
     health = HealthServicer()
     server = grpc.aio.server(
+        interceptors=[TelemetryInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -198,37 +346,22 @@ async def start(config: ServerConfig) -> RunningSigner:
          reflection.SERVICE_NAME),
         server,
     )
-    signing: Deferred[SigningService] = Deferred()
-    admin: Deferred[KeyAdministration] = Deferred()
-    state: Deferred[StateView] = Deferred()
-    statements: Deferred[StatementSigning] = Deferred()
-    signing_pb2_grpc.add_SigningServicer_to_server(
-        SupplyChainSigningServicer(signing, state, statements, insecure=config.insecure), server
-    )
-    # No baseline is configurable yet, so Attest answers FAILED_PRECONDITION (issue 5).
-    attestation_pb2_grpc.add_AttestationServicer_to_server(
-        AttestationServicer(None, lambda: resolver_from_keys(view.all_keys()),
-                            insecure=config.insecure), server
-    )
-    keys_pb2_grpc.add_KeyAdminServicer_to_server(
-        KeyAdminServicer(admin, insecure=config.insecure), server
-    )
-    trust_service: Deferred[TrustBundleService] = Deferred()
-    trust_pb2_grpc.add_TrustServicer_to_server(
-        TrustServicer(trust_service, insecure=config.insecure), server
-    )
-    if config.insecure:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, _server_credentials(config))
-    await server.start()
-    log.info("listening on %s (port %d), region %s", config.listen, port, config.region)
+    services = _Services(attestation=None if config.attestation is None else Deferred())
+    _add_services(server, config, services)
+    signing, admin, state, statements = (
+        services.signing, services.admin, services.state, services.statements)
+    attestation, trust_service = services.attestation, services.trust
+    # A worker sharing the port with SO_REUSEPORT listens only once ready, so the kernel
+    # never hands a new connection to a worker that is still starting (docs/adr/0008).
+    port = 0 if listen_when_ready else await _listen(server, config)
 
     hsm = await _open_hsm(config)
     store = _etcd_store(config)
     clock = SystemClock()
     process_name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     signer_id = f"{config.region}/{process_name}"
+    _start_telemetry(config, signer_id)
+    traced_hsm = TracedHsm(hsm)
     inflight = InflightSignatures()
     view = KeyStateView(
         store, clock, lease_ttl=config.lease_ttl_seconds, signer_id=signer_id, registry=store,
@@ -237,21 +370,36 @@ async def start(config: ServerConfig) -> RunningSigner:
     await view.start()
     audit = await _open_audit(config, store, hsm, clock, signer_id=signer_id,
                               process_name=process_name)
+    replicator = await _start_replication(config, hsm=hsm, store=store, view=view,
+                                          signer_id=signer_id)
     administration = KeyAdministration(
-        hsm=hsm, store=store, view=view, clock=clock, audit=audit,
+        hsm=traced_hsm, store=store, view=view, clock=clock, audit=TracedAudit(audit),
         fence=SignerFence(store, clock, timeout=config.lifecycle.fence_timeout_seconds),
-        settings=config.lifecycle.settings,
+        settings=config.lifecycle.settings, ceremonies_required=config.ceremonies_required,
+        region=config.region, replicator=replicator,
     )
+    services.ceremonies.set(Ceremonies(
+        records=store, layout=store.layout, admin=administration, hsm=traced_hsm, view=view,
+        clock=clock, fence=SignerFence(store, clock,
+                                       timeout=config.lifecycle.fence_timeout_seconds),
+        settings=config.lifecycle.settings, audit=TracedAudit(audit)))
     maintenance = KeyMaintenance(
         admin=administration, registry=store, hsm=hsm, view=view, clock=clock,
         signer_id=signer_id, interval=config.lifecycle.maintenance_interval_seconds,
     )
-    background = [asyncio.create_task(maintenance.run(), name="key-maintenance")]
+    background = [asyncio.create_task(maintenance.run(), name="key-maintenance"),
+                  *_replication_tasks(replicator)]
     # Trust distribution (docs/adr/0007): a failure here leaves signing up and answers
     # GetTrustBundle with UNAVAILABLE, since verifiers can use another region meanwhile.
+    # The dashboard shares the /tuf/ port, so only worker 0 serves it (signer/workers.py).
     try:
         distribution = await start_trust_distribution(
-            config, store=store, hsm=hsm, view=view, clock=clock, signer_id=signer_id)
+            config, store=store, hsm=hsm, view=view, clock=clock, signer_id=signer_id,
+            routes=dashboard_routes(config.dashboard, DashboardSources(
+                region=config.region, signer_id=signer_id, view=view, store=store,
+                audit_directory=audit.directory, audit_log_id=audit.log_id,
+                trust=trust_service.get, registry=metrics().registry,
+                ceremonies=proposal_listing(store, clock.now))))
         trust_service.set(distribution.service)
         background += distribution.tasks
     except KmsError as error:
@@ -259,20 +407,32 @@ async def start(config: ServerConfig) -> RunningSigner:
             "trust distribution is off in this signer: %s", error.diagnostics())
 
     state.set(view)
-    signing.set(SigningService(hsm=hsm, view=view, region=config.region, audit=audit,
-                               inflight=inflight))
+    services.view.set(view)
+    signing.set(SigningService(hsm=traced_hsm, view=view, region=config.region,
+                               audit=TracedAudit(audit), inflight=inflight,
+                               requests=_request_ledger(config, store, signer_id)))
     statements.set(StatementSigning(signing=signing.get(), view=view))
+    if attestation is not None and config.attestation is not None:
+        attestation.set(load_attestation_setup(
+            config.attestation, audit=audit, count_event=metrics().security_events))
     admin.set(administration)
     await _set_health(health, serving=True)
+    if listen_when_ready:
+        port = await _listen(server, config)
     background.append(asyncio.create_task(_follow_health(health, view), name="health"))
+    background.append(asyncio.create_task(_export_gauges(view, audit, trust_service),
+                                          name="gauges"))
     log.info("serving: HSM token %r open, key state at revision %d",
              config.hsm.token_label, view.revision)
     return RunningSigner(server, port, health, view, hsm, store, background, audit)
 
 
-async def serve(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:
+async def serve(
+    config: ServerConfig, *, on_ready: Callable[[int], None] | None = None,
+    listen_when_ready: bool = False,
+) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop."""
-    running = await start(config)
+    running = await start(config, listen_when_ready=listen_when_ready)
     if on_ready is not None:
         on_ready(running.port)
     stopping = asyncio.Event()

@@ -4,8 +4,8 @@
     <root>/<sha256-hex>/attestations/*.json   DSSE envelopes whose statement names the image
 
 ``signet sign-image --store`` and ``signet sign-statement --store`` write it; the admission
-webhook and ``signet verify-*`` read it. In production the same objects live in the OCI
-registry next to the image, at the tags cosign uses (``sha256-<hex>.sig`` and ``.att``).
+webhook and ``signet verify-*`` read it with ``--store``. Without it they read the OCI
+registry next to the image, at the tags cosign uses (``signer/registry.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kms.errors import InvalidArgument
+from signer.payloads.simplesigning import ImageReference
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -103,3 +104,13 @@ class SignatureStore:
         if not folder.is_dir():
             return []
         return [p.read_bytes() for p in sorted(folder.glob("*.json"))]
+
+    def signatures_for(self, image: ImageReference) -> list[StoredSignature]:
+        """The image's stored signature as a list (``SignatureSource``); raises
+        ``InvalidArgument`` if it is malformed or the image is not pinned."""
+        stored = self.signature(image.digest_hex)
+        return [] if stored is None else [stored]
+
+    def attestations_for(self, image: ImageReference) -> list[bytes]:
+        """The image's stored attestations (``SignatureSource``)."""
+        return self.attestations(image.digest_hex)

@@ -52,6 +52,7 @@ from kms.errors import KmsError
 from kms.tuf.freshness import MIN_NONCE_BYTES, FreshnessStatement
 from kms.tuf.repository import BUNDLE_FORMAT, BUNDLE_TARGET
 from signer._pb.signet.v1 import trust_pb2, trust_pb2_grpc
+from signer.channels import open_channels
 from signer.cluster import ClusterFile
 from signer.errors import SignetError
 
@@ -517,15 +518,7 @@ class GrpcTrustTransport:
                  timeout: float = 10.0) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
-        if insecure:
-            self._channels = [grpc.insecure_channel(e) for e in endpoints]
-        else:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=ca.read_bytes() if ca else None,
-                private_key=key.read_bytes() if key else None,
-                certificate_chain=cert.read_bytes() if cert else None,
-            )
-            self._channels = [grpc.secure_channel(e, credentials) for e in endpoints]
+        self._channels = open_channels(endpoints, ca=ca, cert=cert, key=key, insecure=insecure)
         self._timeout = timeout
 
     @classmethod

@@ -251,6 +251,7 @@ class AuditLog:
         self._last_checkpoint_at = clock.monotonic()
         self._checkpoint_retry_at = 0.0
         self._checkpoint_lock = asyncio.Lock()
+        self._checkpointing: asyncio.Task[Checkpoint | None] | None = None
         self._committer = asyncio.get_running_loop().create_task(
             self._run(), name=f"audit-committer {log_id}"
         )
@@ -403,6 +404,8 @@ class AuditLog:
         self._closing = True
         self._wakeup.set()
         await asyncio.wait([self._committer])  # its own failures were reported to callers
+        if self._checkpointing is not None:
+            await asyncio.wait([self._checkpointing])
         try:
             if self._last_checkpoint is None or self._last_checkpoint.tree_size != self._size:
                 await self._make_checkpoint()
@@ -425,8 +428,13 @@ class AuditLog:
                     self._wakeup.set()
                 if batch:
                     await self._commit(batch)
-                if self._checkpoint_due():
-                    await self._make_checkpoint()
+                if self._checkpoint_due() and (
+                    self._checkpointing is None or self._checkpointing.done()
+                ):
+                    # In its own task: signing and anchoring a checkpoint (an etcd write that
+                    # may stall for seconds) must never hold up appends.
+                    self._checkpointing = asyncio.get_running_loop().create_task(
+                        self._make_checkpoint(), name=f"audit-checkpoint-{self._log_id}")
                 if self._closing and not self._pending:
                     return
         except BaseException as error:

@@ -242,6 +242,10 @@ class Key:
     min_sign_version: int
     created_at: float
     rotation_period_seconds: int | None = None
+    # The region whose HSM generated the key. A regional key signs only there; a multi-region
+    # key is wrapped from there to every other region (kms.replication). None for records
+    # written before regions existed: such a key signs wherever an HSM holds it.
+    home_region: str | None = None
 
     def __post_init__(self) -> None:
         validate_key_name(self.name)
@@ -262,8 +266,10 @@ class Key:
         hsm_id: bytes,
         now: float,
         rotation_period_seconds: int | None = None,
+        home_region: str | None = None,
     ) -> Key:
-        """A new key whose version 1 is the given HSM key pair, ACTIVE and primary."""
+        """A new key whose version 1 is the given HSM key pair, ACTIVE and primary, generated
+        in ``home_region``."""
         validate_key_name(name)
         if replication is Replication.MULTI_REGION and not algorithm.wrappable:
             raise InvalidArgument(
@@ -289,6 +295,7 @@ class Key:
             min_sign_version=1,
             created_at=now,
             rotation_period_seconds=rotation_period_seconds,
+            home_region=home_region,
         )
 
     def version(self, number: int) -> KeyVersion:
@@ -477,7 +484,7 @@ class Key:
         return replace(self, versions=versions, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "schema": RECORD_SCHEMA,
             "name": self.name,
             "algorithm": self.algorithm.value,
@@ -488,6 +495,10 @@ class Key:
             "created_at": self.created_at,
             "rotation_period_seconds": self.rotation_period_seconds,
         }
+        # Written only when known, so records of keys without one stay byte-for-byte as before.
+        if self.home_region is not None:
+            record["home_region"] = self.home_region
+        return record
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Key:
@@ -503,4 +514,5 @@ class Key:
             min_sign_version=int(data["min_sign_version"]),
             created_at=float(data["created_at"]),
             rotation_period_seconds=None if period is None else int(period),
+            home_region=None if data.get("home_region") is None else str(data["home_region"]),
         )

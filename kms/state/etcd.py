@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aetcd
 import grpc
 from aetcd import rpc, utils, watcher
+from opentelemetry import trace
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -56,6 +57,7 @@ from kms.ports import (
 )
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("signet.kms.state")
 
 T = TypeVar("T")
 
@@ -113,6 +115,43 @@ class StateLayout:
 
     def leader(self, role: str) -> str:
         return f"{self.prefix}/leaders/{role}"
+
+    # Custodian ceremonies (docs/adr/0009-custodian-ceremonies.md).
+    @property
+    def custodians(self) -> str:
+        return f"{self.prefix}/custodians"
+
+    @property
+    def proposals_dir(self) -> str:
+        return f"{self.prefix}/ceremonies/proposals/"
+
+    def proposal(self, proposal_id: str) -> str:
+        return f"{self.proposals_dir}{proposal_id}"
+
+    def region(self, name: str) -> str:
+        """An onboarded region's record (its transport key), written by a ceremony."""
+        return f"{self.prefix}/regions/{name}"
+
+    # Multi-region keys (docs/adr/0010-multi-region.md).
+    @property
+    def regions_dir(self) -> str:
+        return f"{self.prefix}/regions/"
+
+    @property
+    def replicas_dir(self) -> str:
+        return f"{self.prefix}/replicas/"
+
+    def replica(self, key: str, version: int, region: str) -> str:
+        """A version's private key wrapped for ``region`` (two blobs, never plaintext)."""
+        return f"{self.replicas_dir}{key}/{version}/{region}"
+
+    def replica_held(self, key: str, version: int, region: str) -> str:
+        """Written once ``region``'s HSM holds the version (generated or unwrapped there)."""
+        return f"{self.replicas_dir}{key}/{version}/held/{region}"
+
+    def request(self, identity_hash: str, request_id: str) -> str:
+        """A sign request id claimed for the idempotency window (kms.requests)."""
+        return f"{self.prefix}/requests/{identity_hash}/{request_id}"
 
     # TUF repository (docs/adr/0007-trust-bundles.md). Outside keys/, so no key-state code
     # (and no SignDigest) ever sees the online keys.
@@ -253,6 +292,14 @@ class _EtcdClient(aetcd.Client):  # type: ignore[misc]
         self._connected.set()
 
 
+def _operation_name(what: str) -> str:
+    """A low-cardinality label for a described operation: "a read of keys" → "read"."""
+    head = what.split(" of ", 1)[0]
+    for article in ("a ", "an ", "the "):
+        head = head.removeprefix(article)
+    return head.replace(" ", "_")
+
+
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, grpc.aio.AioRpcError):
         return error.code() in _TRANSIENT_CODES
@@ -303,8 +350,12 @@ class EtcdKeyStateStore:
     compare-and-swap is never retried: it raises ``Conflict``/``AlreadyExists`` at once.
     """
 
-    def __init__(self, config: EtcdConfig) -> None:
+    def __init__(
+        self, config: EtcdConfig, *, observer: Callable[[str, float, bool], None] | None = None
+    ) -> None:
+        """``observer(operation, seconds, ok)`` is told about every operation (for metrics)."""
         self.config = config
+        self._observer = observer
         self.layout = state_layout(config.prefix)
         credentials = None
         options = _CHANNEL_OPTIONS
@@ -321,6 +372,20 @@ class EtcdKeyStateStore:
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _call(self, what: str, attempt: Callable[[int], Awaitable[T]]) -> T:
+        """``_retrying`` inside a trace span, reported to the observer."""
+        operation = _operation_name(what)
+        started = time.perf_counter()
+        ok = False
+        with _tracer.start_as_current_span("etcd", attributes={"signet.etcd.operation": what}):
+            try:
+                result = await self._retrying(what, attempt)
+                ok = True
+                return result
+            finally:
+                if self._observer is not None:
+                    self._observer(operation, time.perf_counter() - started, ok)
+
+    async def _retrying(self, what: str, attempt: Callable[[int], Awaitable[T]]) -> T:
         """Run ``attempt(n)`` (n = 1, 2, …) until it succeeds, fails for good, or the budget ends.
 
         Each attempt gets at most ``call_timeout`` and never outlives the budget.
@@ -750,6 +815,34 @@ class EtcdKeyStateStore:
             return current is not None and bytes(current.value) == candidate.encode()
 
         return await self._call(f"a claim of the {role} role", attempt)
+
+    # -- request ids (kms.requests) -----------------------------------------------------------
+
+    async def claim_request(self, path: str, value: bytes, lease_id: int
+                            ) -> tuple[bool, bytes | None, int]:
+        """Create ``path`` under ``lease_id`` unless it exists. Returns (created, the existing
+        value or None, the record's mod_revision). A retry after a lost reply that finds the
+        very value it wrote counts as created."""
+        request = rpc.TxnRequest(
+            compare=[self._compare(path, "create", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=path.encode(), value=value, lease=lease_id))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=path.encode()))],
+        )
+
+        async def attempt(number: int) -> tuple[bool, bytes | None, int]:
+            response = await self._txn(request)
+            if response.succeeded:
+                return True, None, int(response.header.revision)
+            current = self._current(response)
+            if current is None:
+                raise StateStoreError(f"{path} vanished while being claimed")
+            # A retry after a lost reply finds our own claim: that is a win.
+            if number > 1 and bytes(current.value) == value:
+                return True, None, int(current.mod_revision)
+            return False, bytes(current.value), int(current.mod_revision)
+
+        return await self._call("a claim of a request id", attempt)
 
     # -- plain records (the TUF repository, kms.tuf.store) ------------------------------------
 

@@ -166,14 +166,15 @@ def build_trust_bundle(
 
     Every version of every key is listed, DESTROYED and REVOKED ones included, so a verifier
     can tell "revoked" from "unknown". ``regions`` are the regions a multi-region key lives in
-    (every region with an online key); a regional key lives in ``regions[0]`` of its record —
-    today the one region of the cluster.
+    (every region with an online key); a regional key lives in its home region
+    (``Key.home_region``; ``regions[0]`` for records written before keys had one).
     """
     entries = []
     for key in sorted(keys, key=lambda k: k.name):
-        key_regions = list(regions) if key.replication.value == "multi-region" else list(
-            regions[:1]
-        )
+        if key.replication.value == "multi-region":
+            key_regions = list(regions)
+        else:
+            key_regions = [key.home_region] if key.home_region else list(regions[:1])
         entries.append({
             "name": key.name,
             "algorithm": key.algorithm.value,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kms.errors import FailedPrecondition, InvalidArgument
 from kms.ports import Clock
 from kms.tuf.freshness import MAX_NONCE_BYTES, MIN_NONCE_BYTES, FreshnessStatement
+from kms.tuf.repository import Publication
 from kms.tuf.signing import HsmMetadataSigner
 from kms.tuf.store import RepositoryView, TufRepositoryStore
 
@@ -29,6 +30,11 @@ class TrustBundleService:
         self._signer = signer
         self._region = region
         self._clock = clock
+
+    async def publication(self) -> Publication | None:
+        """The current publication pointer (for metrics); None before the first one."""
+        publication, _ = await self._repo.publication()
+        return publication
 
     async def get(self, nonce: bytes, region: str,
                   known_root_version: int = 0) -> TrustBundleResponse:

@@ -23,7 +23,12 @@ def dev() -> None:
 
 @dev.command()
 @STATE_DIR
-def up(state_dir: Path) -> None:
+@click.option("--regions", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="Regions on this machine: each with its own etcd member, SoftHSM token and "
+                   "signer (1: the single 'local' region; 3: eu-west, us-east, ap-south).")
+@click.option("--signers", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Signer processes per region.")
+def up(state_dir: Path, regions: int, signers: int) -> None:
     """Start the cluster (or reuse the one in STATE_DIR) and write cluster.json."""
     from signer.dev.cluster import DevCluster
     from signer.dev.etcd import EtcdLaunchError
@@ -31,7 +36,7 @@ def up(state_dir: Path) -> None:
     from signer.dev.softhsm import SoftHsmSetupError
 
     try:
-        cluster = DevCluster(state_dir.resolve()).up()
+        cluster = DevCluster(state_dir.resolve()).up(regions=regions, signers=signers)
     except (EtcdLaunchError, SignerLaunchError, SoftHsmSetupError) as error:
         fail(str(error), EXIT_FAILURE)
     click.echo(f"cluster ready; use --cluster {cluster.path} or SIGNET_CLUSTER={cluster.path}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import yaml
 from kms.domain.keys import Algorithm, Digest, Replication
 from kms.domain.policy import AccessPolicy
 from signer.cli.audit import audit
+from signer.cli.ceremony import COMMANDS as CEREMONY_COMMANDS
 from signer.cli.common import (
     EXIT_INVALID,
     Context,
@@ -22,6 +22,7 @@ from signer.cli.common import (
     handle_errors,
 )
 from signer.cli.dev import dev
+from signer.cli.drill import drill
 from signer.cli.supplychain import COMMANDS as SUPPLY_CHAIN_COMMANDS
 from signer.cli.trust import COMMANDS as TRUST_COMMANDS
 from signer.client import KeyInfo
@@ -40,9 +41,12 @@ def cli() -> None:
 
 cli.add_command(dev)
 cli.add_command(audit)
+cli.add_command(drill)
 for _command in SUPPLY_CHAIN_COMMANDS:
     cli.add_command(_command)
 for _command in TRUST_COMMANDS:
+    cli.add_command(_command)
+for _command in CEREMONY_COMMANDS:
     cli.add_command(_command)
 
 
@@ -51,14 +55,27 @@ for _command in TRUST_COMMANDS:
               help="Signer config file (YAML or JSON); see docs/operator-guide.md.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--workers", type=click.IntRange(min=1, max=256), default=None,
+              help="Worker processes sharing the port (overrides 'workers:'; default: one "
+                   "per core). See docs/adr/0008-worker-processes.md.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one object per line with trace and span ids.")
 @handle_errors
-def serve(config_path: Path, log_level: str) -> None:
+def serve(config_path: Path, log_level: str, workers: int | None, log_format: str) -> None:
     """Run a signer until SIGTERM or SIGINT."""
     from signer.config import ServerConfig
+    from signer.telemetry import configure_logging
+
+    configure_logging(log_level, log_format)
+    config = ServerConfig.load(config_path)
+    count = config.worker_count(workers)
+    if count > 1:
+        # Fork the workers before anything initialises gRPC, asyncio or PKCS#11.
+        from signer.workers import serve_workers
+
+        raise SystemExit(serve_workers(config, count))
     from signer.server import serve as run
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig.load(config_path)
     asyncio.run(run(config))
 
 

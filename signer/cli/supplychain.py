@@ -33,6 +33,7 @@ from signer.cli.common import (
 )
 from signer.payloads.intoto import STATEMENT_TYPE, Statement
 from signer.payloads.simplesigning import ImageReference
+from signer.registry import CosignRegistry
 from signer.signature_store import SignatureStore, StoredSignature
 from signer.supplychain_client import SupplyChainClient
 from signer.verification import (
@@ -213,18 +214,26 @@ def provenance_create(*, subjects: tuple[str, ...], builder_id: str, source_repo
               help="Write the DSSE envelope here (default: stdout).")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Also file the envelope under each subject in this signature store.")
+@click.option("--attach", is_flag=True,
+              help="Also attach the envelope to each subject's registry at cosign's "
+                   "sha256-<hex>.att tag (subject names must be registry/repository).")
 @cluster_options
 @handle_errors
 def sign_statement(*, ctx: Context, file: Path, key_name: str, key_version: int | None,
-                   out: Path | None, store: Path | None) -> None:
+                   out: Path | None, store: Path | None, attach: bool) -> None:
     """Sign an in-toto statement; prints or writes the DSSE envelope."""
     statement = Statement.from_json(file.read_bytes())  # fail early, before the RPC
+    targets = [ImageReference.parse(f"{s.name}@sha256:{s.sha256}") for s in statement.subjects
+               ] if attach else []
     with ctx.client("pipeline") as client:
         signed = SupplyChainClient(client).sign_statement(
             key_name, file.read_bytes(), version=key_version)
     if store is not None:
         for subject in statement.subjects:
             SignatureStore(store).put_attestation(subject.sha256, signed.envelope_json)
+    for target in targets:
+        written = CosignRegistry().attach_attestation(target, signed.envelope_json)
+        click.echo(f"attached the attestation at {written}", err=True)
     if out is not None:
         out.write_bytes(signed.envelope_json)
     summary = {"key": signed.key, "key_version": signed.key_version, "key_id": signed.key_id,
@@ -246,10 +255,14 @@ def sign_statement(*, ctx: Context, file: Path, key_name: str, key_version: int 
               help="Write {payload, signature, key...} as JSON here.")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Also file the signature in this signature store.")
+@click.option("--attach", is_flag=True,
+              help="Also attach the signature to the image's registry at cosign's "
+                   "sha256-<hex>.sig tag.")
 @cluster_options
 @handle_errors
 def sign_image(*, ctx: Context, image: str, key_name: str, key_version: int | None,
-               annotations: tuple[str, ...], out: Path | None, store: Path | None) -> None:
+               annotations: tuple[str, ...], out: Path | None, store: Path | None,
+               attach: bool) -> None:
     """Sign a digest-pinned image (REF@sha256:HEX) with a cosign simple-signing payload."""
     reference = ImageReference.parse(image, require_digest=True)
     pairs = {}
@@ -265,6 +278,9 @@ def sign_image(*, ctx: Context, image: str, key_name: str, key_version: int | No
                              signed.key_version, signed.key_id)
     if store is not None:
         SignatureStore(store).put_signature(reference.digest_hex, record)
+    if attach:
+        written = CosignRegistry().attach_signature(reference, record)
+        click.echo(f"attached the signature at {written}", err=True)
     if out is not None:
         out.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
     ctx.emit(record.to_dict(), base64.b64encode(signed.signature).decode())
@@ -331,7 +347,8 @@ def _read_signature(path: Path) -> bytes:
               type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="The simple-signing payload that was signed.")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Read the signature and attestations from this signature store instead.")
+              help="Read the signature and attestations from this signature store instead "
+                   "of the image's registry.")
 @click.option("--policy", "policy_path", required=True,
               type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--keys-from", default="cluster", show_default=True, help=_KEYS_FROM_HELP)
@@ -340,19 +357,24 @@ def _read_signature(path: Path) -> bytes:
 def verify_image(*, ctx: Context, image: str, signature_path: Path | None,
                  payload_path: Path | None, store: Path | None, policy_path: Path,
                  keys_from: str) -> None:
-    """Verify an image signature (and, with --store, its provenance) against a policy.
-    Prints every rule checked; exits 1 when any fails."""
+    """Verify an image's signature and provenance against a policy: found in the image's
+    registry at cosign's .sig/.att tags (default), in a signature store (--store), or only the
+    signature given as files (--signature and --payload). Prints every rule checked; exits 1
+    when any fails."""
+    if (signature_path is None) != (payload_path is None):
+        fail("give --signature and --payload together", EXIT_INVALID)
+    if signature_path is not None and store is not None:
+        fail("give --signature/--payload or --store, not both", EXIT_INVALID)
     policy = _load_policy(policy_path)
     resolver = _resolver(ctx, keys_from, policy)
     reference = ImageReference.parse(image)
-    if store is not None:
+    if signature_path is None or payload_path is None:
         from signer.admission import AdmissionController
 
-        controller = AdmissionController(SignatureStore(store), resolver, policy, time.time)
+        source = SignatureStore(store) if store is not None else CosignRegistry()
+        controller = AdmissionController(source, resolver, policy, time.time)
         _report(ctx, [controller.check_image(image)])
         return
-    if signature_path is None or payload_path is None:
-        fail("give --signature and --payload, or --store", EXIT_INVALID)
     decision = verify_image_signature(reference, payload_path.read_bytes(),
                                       _read_signature(signature_path), resolver, policy)
     _report(ctx, [decision])
@@ -369,25 +391,32 @@ def admission() -> None:
 @click.option("--tls-key", required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--policy", "policy_path", required=True,
               type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--store", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Signature store with the images' signatures and attestations.")
+@click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Signature store with the images' signatures and attestations "
+                   "(default: each image's registry, at cosign's .sig/.att tags).")
 @click.option("--keys-from", default="cluster", show_default=True, help=_KEYS_FROM_HELP)
+@click.option("--decision-log", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Append every decision as a JSON line (the signer dashboard's "
+                   "dashboard.admission_log).")
 @cluster_options
 @handle_errors
 def admission_serve(*, ctx: Context, listen: str, tls_cert: Path, tls_key: Path,
-                    policy_path: Path, store: Path, keys_from: str) -> None:
+                    policy_path: Path, store: Path | None, keys_from: str,
+                    decision_log: Path | None) -> None:
     """Serve POST /validate (AdmissionReview v1 for Pods) over HTTPS until SIGTERM/SIGINT."""
     import logging
 
-    from signer.admission import AdmissionController, AdmissionServer
+    from signer.admission import AdmissionController, AdmissionServer, DecisionLog
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         fail(f"--listen {listen!r} must be HOST:PORT", EXIT_INVALID)
     policy = _load_policy(policy_path)
-    controller = AdmissionController(SignatureStore(store),
-                                     _resolver(ctx, keys_from, policy), policy, time.time)
+    source = SignatureStore(store) if store is not None else CosignRegistry()
+    controller = AdmissionController(
+        source, _resolver(ctx, keys_from, policy), policy, time.time,
+        None if decision_log is None else DecisionLog(decision_log))
     server = AdmissionServer((host.strip("[]"), int(port)), controller, tls_cert, tls_key)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,20 +23,25 @@ from pathlib import Path
 
 import yaml
 
+from kms.ceremony import store_initial_custodians
+from kms.domain.ceremony import Custodian, CustodianSet
 from kms.domain.policy import AccessPolicy
 from kms.errors import Conflict
 from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
 from signer.cluster import ClusterFile, Identity, Region
 from signer.dev.ca import DevCa
 from signer.dev.etcd import EtcdCluster, EtcdTls
-from signer.dev.processes import SignerProcess, health_status, new_endpoint
+from signer.dev.processes import SignerProcess, health_status, persistent_endpoint
 from signer.dev.softhsm import SoftHsmToken, find_softhsm_module, init_token, write_softhsm_conf
-from signer.dev.tuf import bootstrap_root, tuf_endpoint
+from signer.dev.tuf import bootstrap_root, custodian_key_paths, tuf_endpoint
 
 TRUST_DOMAIN = "spiffe://signet.dev"
 ADMIN_URI = f"{TRUST_DOMAIN}/admin"
 PIPELINE_URI = f"{TRUST_DOMAIN}/pipeline"
 DEFAULT_REGION = "local"
+CUSTODIANS = 3  # the same count and threshold as the TUF root (signer/dev/tuf.py)
+CUSTODIAN_THRESHOLD = 2
+EMERGENCY_THRESHOLD = 1
 
 
 def default_policy() -> AccessPolicy:
@@ -54,6 +59,26 @@ def default_policy() -> AccessPolicy:
     })
 
 
+REGION_NAMES = ("eu-west", "us-east", "ap-south", "sa-east", "af-south")
+
+
+def region_names(count: int) -> list[str]:
+    """Names of ``count`` development regions: ``local`` for one, else ``eu-west``,
+    ``us-east``, ``ap-south``… Raises ``ValueError`` outside 1..5."""
+    if not 1 <= count <= len(REGION_NAMES):
+        raise ValueError(f"a development cluster has 1 to {len(REGION_NAMES)} regions")
+    return [DEFAULT_REGION] if count == 1 else list(REGION_NAMES[:count])
+
+
+def local_first(endpoints: tuple[str, ...], index: int) -> list[str]:
+    """etcd endpoints with the region's own member (member ``index``) first: the signer's
+    channel prefers it and fails over to the others."""
+    if len(endpoints) <= 1:
+        return list(endpoints)
+    own = index % len(endpoints)
+    return [endpoints[own], *endpoints[:own], *endpoints[own + 1:]]
+
+
 def _secret_file(path: Path) -> str:
     """Read a secret from ``path``, creating it (mode 0600) with a random value if missing."""
     if path.exists():
@@ -63,6 +88,14 @@ def _secret_file(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def _dashboard_token(signer_dir: Path) -> Path:
+    """The signer's dashboard token file (mode 0600, random, created once)."""
+    signer_dir.mkdir(parents=True, exist_ok=True)
+    path = signer_dir / "dashboard-token"
+    _secret_file(path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -80,20 +113,18 @@ class DevCluster:
 
     def _signer(self, name: str) -> SignerProcess:
         directory = self.state_dir / f"signer-{name}"
-        endpoint_file = directory / "endpoint"
-        if endpoint_file.exists():
-            endpoint = endpoint_file.read_text().strip()
-        else:
-            directory.mkdir(parents=True, exist_ok=True)
-            endpoint = new_endpoint()
-            endpoint_file.write_text(endpoint + "\n")
-        return SignerProcess(directory, endpoint)
+        return SignerProcess(directory, persistent_endpoint(directory, "endpoint"))
 
     def up(
         self, *, etcd_members: int = 1, signers: int = 1, log: bool = True,
-        signer_settings: Mapping[str, object] | None = None,
+        signer_settings: Mapping[str, object] | None = None, regions: int = 1,
     ) -> ClusterFile:
         """Start (or restart) etcd, the HSM token and the signer; write ``cluster.json``.
+
+        ``regions`` > 1 starts that many regions (``eu-west``, ``us-east``, ``ap-south``…):
+        at least one etcd member each, and per region its own SoftHSM token store
+        (``hsm-<region>/``) and ``signers`` signer processes that list their region's etcd
+        member first (docs/adr/0010-multi-region.md). One region keeps the ``local`` layout.
 
         Raises ``EtcdLaunchError``, ``SoftHsmSetupError`` or ``SignerLaunchError`` with the
         failing component's log when something does not come up.
@@ -128,19 +159,14 @@ class DevCluster:
             etcd = EtcdCluster.load(etcd_dir)
             say(f"etcd already running at {', '.join(etcd.endpoints)}")
         else:
-            etcd = EtcdCluster.start(etcd_dir, members=etcd_members, tls=etcd_tls, detach=True)
+            names = region_names(regions)
+            etcd = EtcdCluster.start(etcd_dir, members=max(etcd_members, len(names)),
+                                     tls=etcd_tls, detach=True)
             etcd.save()
             say(f"etcd started at {', '.join(etcd.endpoints)}")
 
-        hsm_dir = self.state_dir / "hsm"
-        hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conf = write_softhsm_conf(hsm_dir)
-        label = f"signet-{DEFAULT_REGION}"
-        user_pin_path = hsm_dir / f"{label}.pin"
-        init_token(conf, label, _secret_file(hsm_dir / f"{label}.so-pin"),
-                   _secret_file(user_pin_path))
-        token = SoftHsmToken(conf, find_softhsm_module(), label)
-        say(f"SoftHSM token {label!r} ready in {hsm_dir}")
+        names = region_names(regions)
+        tokens = {region: self._region_token(region, say) for region in names}
 
         policy = default_policy()
         policy_path = self.state_dir / "policy.yaml"
@@ -150,24 +176,38 @@ class DevCluster:
             endpoints=etcd.endpoints, ca_file=ca.cert_path,
             cert_file=certs["etcd-client"][0], key_file=certs["etcd-client"][1],
         )
-        if asyncio.run(_bootstrap_policy(etcd_config, policy)):
-            say("applied the default access policy (pipeline signs, admin administers)")
+        self._bootstrap_state(etcd_config, policy, say)
 
         admin_cert, admin_key = certs["admin"]
-        processes = [self._signer(f"{DEFAULT_REGION}-{i}") for i in range(signers)]
+        by_region = {region: [self._signer(f"{region}-{i}") for i in range(signers)]
+                     for region in names}
+        processes = [signer for region in names for signer in by_region[region]]
         for signer in processes:
+            region = signer.directory.name.removeprefix("signer-").rsplit("-", 1)[0]
+            token, user_pin_path = tokens[region]
             signer.config_path.write_text(yaml.safe_dump({
-                "region": DEFAULT_REGION,
+                "region": region,
                 "listen": signer.endpoint,
                 "tls": {"cert": str(certs["signer"][0]), "key": str(certs["signer"][1]),
                         "client_ca": str(ca.cert_path)},
-                "etcd": {"endpoints": list(etcd.endpoints),
+                "etcd": {"endpoints": local_first(etcd.endpoints, names.index(region)),
                          "tls": {"ca": str(ca.cert_path), "cert": str(certs["etcd-client"][0]),
                                  "key": str(certs["etcd-client"][1])}},
-                "hsm": {"module": token.module_path, "token_label": label,
+                "hsm": {"module": token.module_path, "token_label": token.label,
                         "pin_file": str(user_pin_path)},
+                # Stands in for the onboarding ceremony in development (kms.replication).
+                "multi_region": {"bootstrap_register": True},
                 "lease_ttl_seconds": 5,
+                # One process per signer unless asked (signer_settings={"workers": N}): tests
+                # count signer processes, and a laptop runs several clusters (docs/adr/0008).
+                "workers": 1,
                 "trust": {"http_listen": tuf_endpoint(signer.directory)},
+                # The read-only dashboard on the /tuf/ port, behind a random token
+                # (docs/operator-guide.md "Dashboard").
+                "dashboard": {"token_file": str(_dashboard_token(signer.directory)),
+                              "reports_dir": str(self.state_dir / "drills")},
+                "telemetry": {"metrics_listen": persistent_endpoint(signer.directory,
+                                                                    "metrics-endpoint")},
                 **(signer_settings or {}),
             }, sort_keys=False))
             if signer.running:
@@ -182,9 +222,9 @@ class DevCluster:
 
         cluster = ClusterFile(
             path=self.cluster_path,
-            home_region=DEFAULT_REGION,
-            regions={DEFAULT_REGION: Region(DEFAULT_REGION,
-                                            tuple(s.endpoint for s in processes))},
+            home_region=names[0],
+            regions={region: Region(region, tuple(s.endpoint for s in by_region[region]))
+                     for region in names},
             etcd_endpoints=etcd.endpoints,
             ca=ca.cert_path,
             identities={
@@ -198,6 +238,32 @@ class DevCluster:
         say(f"wrote {self.cluster_path}")
         return cluster
 
+    def _region_token(self, region: str, say: Callable[[str], None]
+                      ) -> tuple[SoftHsmToken, Path]:
+        """The region's own SoftHSM token store and token (``hsm/`` for the single ``local``
+        region, ``hsm-<region>/`` otherwise): separate stores, so regions share no HSM."""
+        hsm_dir = self.state_dir / ("hsm" if region == DEFAULT_REGION else f"hsm-{region}")
+        hsm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conf = write_softhsm_conf(hsm_dir)
+        label = f"signet-{region}"
+        user_pin_path = hsm_dir / f"{label}.pin"
+        init_token(conf, label, _secret_file(hsm_dir / f"{label}.so-pin"),
+                   _secret_file(user_pin_path))
+        say(f"SoftHSM token {label!r} ready in {hsm_dir}")
+        return SoftHsmToken(conf, find_softhsm_module(), label), user_pin_path
+
+    def _bootstrap_state(self, etcd_config: EtcdConfig, policy: AccessPolicy,
+                         say: Callable[[str], None]) -> None:
+        """The first access policy and custodian set, each only if none exists."""
+        if asyncio.run(_bootstrap_policy(etcd_config, policy)):
+            say("applied the default access policy (pipeline signs, admin administers)")
+        # The TUF root custodians and the ceremony custodians are the same people, holding
+        # the same key files (docs/adr/0009); ceremonies stay required (secure by default).
+        if asyncio.run(_bootstrap_custodians(etcd_config, self.state_dir)):
+            say(f"custodian set: {CUSTODIANS} custodians in {self.state_dir / 'custodians'}, "
+                f"threshold {CUSTODIAN_THRESHOLD}, emergency revocation "
+                f"{EMERGENCY_THRESHOLD}")
+
     def _bootstrap_trust(self, etcd_config: EtcdConfig, first: SignerProcess,
                          say: Callable[[str], None]) -> dict[str, object]:
         """The custodians' part (docs/adr/0007): root v1 lists the online keys the signers
@@ -206,6 +272,8 @@ class DevCluster:
         say(f"TUF root v1 signed by custodian keys in {self.state_dir / 'custodians'}; "
             f"trust bundle published ({root_path})")
         return {"tuf_url": f"https://{tuf_endpoint(first.directory)}/tuf/",
+                "dashboard_url": f"https://{tuf_endpoint(first.directory)}/dashboard",
+                "dashboard_token_file": str(_dashboard_token(first.directory)),
                 "tuf_root": str(root_path.relative_to(self.state_dir))}
 
     def down(self) -> list[str]:
@@ -240,6 +308,24 @@ class DevCluster:
             s == "healthy" for s in etcd_members.values()
         )
         return {"healthy": healthy, "signers": signers, "etcd": etcd_members}
+
+
+def dev_custodian_set(state_dir: Path) -> CustodianSet:
+    """The development custodians: ``custodian-<n>`` with the public halves of
+    ``<state>/custodians/custodian-<n>.pem`` (generated if missing)."""
+    paths = custodian_key_paths(state_dir, CUSTODIANS)
+    return CustodianSet(
+        tuple(Custodian(p.stem, Path(f"{p}.pub").read_text()) for p in paths),
+        CUSTODIAN_THRESHOLD, EMERGENCY_THRESHOLD)
+
+
+async def _bootstrap_custodians(config: EtcdConfig, state_dir: Path) -> bool:
+    """Store the development custodian set unless one exists. True when stored now."""
+    store = EtcdKeyStateStore(config)
+    try:
+        return await store_initial_custodians(store, store.layout, dev_custodian_set(state_dir))
+    finally:
+        await store.close()
 
 
 async def _bootstrap_policy(config: EtcdConfig, policy: AccessPolicy) -> bool:

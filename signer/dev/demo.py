@@ -1,8 +1,12 @@
 """``make demo``: the first user journey, end to end, on a real local cluster.
 
-Start a dev cluster, create an HSM key, sign an image digest as the pipeline identity, verify
+Start a dev cluster, create an HSM key by custodian ceremony (propose, show, two approvals
+with the dev custodians' key files), sign an image digest as the pipeline identity, verify
 the signature with ``openssl pkeyutl`` against the public key Signet publishes and with
-``signet verify`` against the TUF-verified trust bundle, stop the cluster.
+``signet verify`` against the TUF-verified trust bundle; then the pipeline journey
+(:func:`pipeline_journey`): push a small image to a local OCI registry, create its SLSA
+provenance, sign image and provenance into the registry at cosign's tags, verify both against
+a verification policy, and decide admission for two pods; stop the cluster.
 Every step runs the real ``signet`` CLI and prints the command first.
 """
 
@@ -42,7 +46,14 @@ def main() -> int:
     print(f"Signet demo — state in {state_dir}")
     try:
         run([*signet, "dev", "up", "--state-dir", str(state_dir)], env, capture=False)
-        run([*signet, "key", "create", key, "--algorithm", "ecdsa-p256"], env)
+        # Keys are created by a custodian ceremony: the administrator proposes, two of the
+        # three custodians (key files in <state>/custodians/) check and approve it.
+        proposal = json.loads(run([*signet, "ceremony", "propose", "create-key", key,
+                                   "--algorithm", "ecdsa-p256", "-o", "json"], env))
+        run([*signet, "ceremony", "show", proposal["id"]], env)
+        for custodian in ("custodian-1", "custodian-2"):
+            run([*signet, "ceremony", "approve", proposal["id"], "--key",
+                 str(state_dir / "custodians" / f"{custodian}.pem")], env)
         # A build pipeline signs the manifest digest of the image it just pushed.
         manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
         digest = hashlib.sha256(manifest).hexdigest()
@@ -68,9 +79,71 @@ def main() -> int:
             "openssl against the public key Signet published, and against the verified trust "
             "bundle."
         )
+        pipeline_journey(signet, env, state_dir, key)
     finally:
         run([*signet, "dev", "down", "--state-dir", str(state_dir)], env, capture=False)
     return 0
+
+
+def pipeline_journey(signet: list[str], env: dict[str, str], state_dir: Path, key: str) -> None:
+    """Provenance, image signature and admission against a local OCI registry
+    (``docker-registry`` on a loopback port, stopped at the end)."""
+    from kms.domain.provenance import VerificationPolicy
+    from signer.admission import AdmissionController
+    from signer.client import SignetClient
+    from signer.cluster import ClusterFile
+    from signer.dev.registry import LocalRegistry, minimal_image, push_image
+    from signer.registry import CosignRegistry
+    from signer.verification import ClusterKeyResolver
+
+    work = state_dir / "pipeline"
+    work.mkdir(exist_ok=True)
+    registry = LocalRegistry.start(work / "registry")
+    try:
+        print(f"\n# a local OCI registry at {registry.address}; the pipeline pushes its image")
+        image = f"{registry.address}/demo/app@" + push_image(
+            registry.address, "demo/app", "v1", minimal_image({"app/server": b"demo build\n"}))
+        unsigned = f"{registry.address}/demo/app@" + push_image(
+            registry.address, "demo/app", "unsigned", minimal_image({"app/server": b"??\n"}))
+        print(f"pushed {image}")
+        (work / "requirements.txt").write_text("click==8.1.7\npyyaml==6.0.2\n")
+        run([*signet, "provenance", "create", "--subject", image,
+             "--builder-id", "https://ci.example.com/builders/demo",
+             "--source-repo", "https://git.example.com/acme/app", "--commit", "5e" * 20,
+             "--ref", "refs/heads/main", "--lock-file", str(work / "requirements.txt"),
+             "--out", str(work / "provenance.json")], env)
+        run([*signet, "sign-image", image, "--key", key, "--attach"], env)
+        run([*signet, "sign-statement", str(work / "provenance.json"), "--key", key,
+             "--attach", "--out", str(work / "provenance.dsse.json")], env)
+        policy = {"version": 1, "trusted_keys": [key],
+                  "builder_ids": ["https://ci.example.com/builders/*"],
+                  "source_repositories": ["https://git.example.com/acme/*"],
+                  "subject_registries": [registry.address], "max_age_seconds": 3600}
+        (work / "policy.json").write_text(json.dumps(policy, indent=2))
+        # A verifier reads signature and provenance from the registry and checks both.
+        run([*signet, "verify-image", image, "--policy", str(work / "policy.json")], env)
+        run([*signet, "verify-attestation", str(work / "provenance.dsse.json"),
+             "--policy", str(work / "policy.json"), "--image", image], env)
+        # The admission webhook's decision (the same controller `signet admission serve`
+        # runs behind HTTPS) for a pod with the signed image and one with an unsigned image.
+        with SignetClient.from_cluster(ClusterFile.load(Path(env["SIGNET_CLUSTER"])),
+                                       "pipeline") as client:
+            controller = AdmissionController(
+                CosignRegistry(), ClusterKeyResolver(client, [key]),
+                VerificationPolicy.from_dict(policy), time.time)
+            for name, pod_image in (("signed-pod", image), ("unsigned-pod", unsigned)):
+                review = json.dumps({
+                    "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "request": {"uid": name, "operation": "CREATE", "kind": {"kind": "Pod"},
+                                "object": {"spec": {"containers": [
+                                    {"name": "app", "image": pod_image}]}}}}).encode()
+                answer = controller.review(review)["response"]
+                verdict = "ALLOWED" if answer["allowed"] else "DENIED"
+                print(f"\nadmission {name}: {verdict}: {answer['status']['message']}")
+                if answer["allowed"] != (pod_image == image):
+                    raise SystemExit(f"demo: admission answered {verdict} for {name}")
+    finally:
+        registry.stop()
 
 
 if __name__ == "__main__":

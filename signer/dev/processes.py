@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from signer.channels import open_channels
 from signer.dev.etcd import free_port
 
 
@@ -34,15 +35,7 @@ def health_status(
 ) -> str:
     """The overall gRPC health status of a signer ('SERVING', 'NOT_SERVING', or
     'UNREACHABLE: …')."""
-    if insecure:
-        channel = grpc.insecure_channel(endpoint)
-    else:
-        creds = grpc.ssl_channel_credentials(
-            ca.read_bytes() if ca else None,
-            key.read_bytes() if key else None,
-            cert.read_bytes() if cert else None,
-        )
-        channel = grpc.secure_channel(endpoint, creds)
+    [channel] = open_channels([endpoint], ca=ca, cert=cert, key=key, insecure=insecure)
     with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
@@ -152,3 +145,15 @@ class SignerProcess:
 
 def new_endpoint() -> str:
     return f"127.0.0.1:{free_port()}"
+
+
+def persistent_endpoint(directory: Path, name: str) -> str:
+    """A loopback ``host:port`` chosen once and kept in ``directory/name``, so a restarted
+    process listens where clients and cluster.json already point."""
+    path = directory / name
+    if path.exists():
+        return path.read_text().strip()
+    directory.mkdir(parents=True, exist_ok=True)
+    endpoint = new_endpoint()
+    path.write_text(endpoint + "\n")
+    return endpoint

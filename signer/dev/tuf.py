@@ -81,12 +81,6 @@ async def bootstrap_root(
 def tuf_endpoint(signer_dir: Path) -> str:
     """The signer's ``/tuf/`` HTTPS listen address, chosen once and kept in
     ``<signer dir>/tuf-endpoint`` so restarts keep the URL in cluster.json valid."""
-    from signer.dev.processes import new_endpoint
+    from signer.dev.processes import persistent_endpoint
 
-    path = signer_dir / "tuf-endpoint"
-    if path.exists():
-        return path.read_text().strip()
-    signer_dir.mkdir(parents=True, exist_ok=True)
-    endpoint = new_endpoint()
-    path.write_text(endpoint + "\n")
-    return endpoint
+    return persistent_endpoint(signer_dir, "tuf-endpoint")

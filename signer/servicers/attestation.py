@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
-from kms.attestation import AttestationReport, RuntimeAttestation
+from kms.attestation import AttestationReport, Baseline, RuntimeAttestation
 from kms.domain.provenance import VerificationPolicy
-from kms.errors import FailedPrecondition
+from kms.errors import FailedPrecondition, InvalidArgument
+from kms.ports import AuditRecorder
 from signer._pb.signet.v1 import attestation_pb2, attestation_pb2_grpc
-from signer.servicers.base import ServicerBase, rpc
+from signer.config import AttestationConfig
+from signer.servicers.base import Deferred, ServicerBase, rpc
 from signer.verification import KeyResolver, verify_attestation
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -28,14 +33,36 @@ class AttestationSetup:
     policy: VerificationPolicy
 
 
+def _read_document(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as error:
+        raise InvalidArgument(f"cannot read the attestation {what} {path}: {error}") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise InvalidArgument(f"the attestation {what} {path} is not valid: {error}") from None
+
+
+def load_attestation_setup(
+    config: AttestationConfig, *, audit: AuditRecorder | None,
+    count_event: Callable[[str], None] | None,
+) -> AttestationSetup:
+    """Read the configured baseline and verification policy. Raises ``InvalidArgument``
+    naming the file and field when either is unreadable or malformed."""
+    baseline = Baseline.from_dict(_read_document(config.baseline, "baseline"))
+    policy = VerificationPolicy.from_dict(_read_document(config.policy, "policy"))
+    return AttestationSetup(
+        RuntimeAttestation(baseline, audit=audit, count_event=count_event), policy)
+
+
 class AttestationServicer(ServicerBase, attestation_pb2_grpc.AttestationServicer):
     """``setup`` is None when no baseline is configured: every call then answers
-    FAILED_PRECONDITION. ``resolver`` gives the keys that may have signed provenance (the
-    signer's own key state)."""
+    FAILED_PRECONDITION (and UNAVAILABLE while the signer starts). ``resolver`` gives the keys
+    that may have signed provenance (the signer's own key state)."""
 
     def __init__(
         self,
-        setup: AttestationSetup | None,
+        setup: Deferred[AttestationSetup] | None,
         resolver: Callable[[], KeyResolver],
         *,
         insecure: bool,
@@ -51,12 +78,12 @@ class AttestationServicer(ServicerBase, attestation_pb2_grpc.AttestationServicer
         self, request: attestation_pb2.AttestRequest, context: Context
     ) -> attestation_pb2.AttestResponse:
         caller = self.caller(context)
-        setup = self._setup
-        if setup is None:
+        if self._setup is None:
             raise FailedPrecondition(
                 "runtime attestation is not configured on this signer: no baseline of "
-                "expected measurements was given"
+                "expected measurements was given (config section 'attestation')"
             )
+        setup = self._setup.get()
         report = AttestationReport(
             request.image_digest, dict(request.measurements), dict(request.environment)
         )
@@ -71,7 +98,7 @@ class AttestationServicer(ServicerBase, attestation_pb2_grpc.AttestationServicer
                 subjects = decision.statement_subjects
             else:
                 problem = f"provenance rejected: {failure.message}"
-        outcome = setup.runtime.attest(caller.identity, report, subjects, problem)
+        outcome = await setup.runtime.attest(caller.identity, report, subjects, problem)
         return attestation_pb2.AttestResponse(
             allowed=outcome.allowed, discrepancies=list(outcome.discrepancies)
         )

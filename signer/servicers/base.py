@@ -13,6 +13,7 @@ from kms.errors import KmsError, Unavailable
 from kms.signing import Caller
 from signer.errors import status_for
 from signer.identity import caller_from_context
+from signer.telemetry import annotate_caller
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class ServicerBase:
         self._insecure = insecure
 
     def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-        return caller_from_context(context, insecure=self._insecure)
+        caller = caller_from_context(context, insecure=self._insecure)
+        annotate_caller(caller.identity)
+        return caller
 
 
 def rpc(

@@ -13,6 +13,7 @@ from kms.errors import InvalidArgument, NotFound
 from signer import convert
 from signer._pb.signet.v1 import keys_pb2, keys_pb2_grpc
 from signer.servicers.base import Deferred, ServicerBase, rpc
+from signer.telemetry import metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -82,6 +83,7 @@ class KeyAdminServicer(ServicerBase, keys_pb2_grpc.KeyAdminServicer):
     ) -> keys_pb2.RevokeVersionResponse:
         caller = self.caller(context)
         result = await self._admin.get().revoke(caller, request.name, _version(request.version))
+        metrics().fence_seconds.observe(result.fence.seconds)
         return convert.revoke_to_pb(result)
 
     @rpc

@@ -44,7 +44,7 @@ class SupplyChainSigningServicer(SigningServicer):
         payload = statement.to_json()
         signature = await self._statements.get().sign_statement(
             caller, request.key, request.key_version or None, statement.to_dict(),
-            pae(INTOTO_PAYLOAD_TYPE, payload),
+            pae(INTOTO_PAYLOAD_TYPE, payload), request_id=request.request_id,
         )
         signed = EnvelopeSignature(signature.key_id, signature.signature)
         envelope = Envelope(payload, INTOTO_PAYLOAD_TYPE, (signed,))
@@ -71,7 +71,8 @@ class SupplyChainSigningServicer(SigningServicer):
             image = ImageReference.parse(f"{image.name}@{request.manifest_digest}")
         payload = SimpleSigningPayload.for_image(image, dict(request.annotations)).to_json()
         signature = await self._statements.get().sign_image(
-            caller, request.key, request.key_version or None, image.name, payload
+            caller, request.key, request.key_version or None, image.name, payload,
+            request_id=request.request_id,
         )
         return signing_pb2.SignImageResponse(
             payload=payload,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from kms.tuf.signing import HsmMetadataSigner
 from kms.tuf.store import TufRepositoryStore
 from signer._pb.signet.v1 import trust_pb2, trust_pb2_grpc
 from signer.config import ServerConfig
-from signer.http import server_tls_context, start_tuf_http
+from signer.http import RouteHandler, server_tls_context, start_tuf_http
 from signer.servicers.base import Deferred, ServicerBase, rpc
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,10 @@ class TrustDistribution:
 
 async def start_trust_distribution(
     config: ServerConfig, *, store: EtcdKeyStateStore, hsm: Hsm, view: KeyStateView,
-    clock: Clock, signer_id: str,
+    clock: Clock, signer_id: str, routes: Mapping[str, RouteHandler] | None = None,
 ) -> TrustDistribution:
-    """Ensure the region's online key, start the publisher and the ``/tuf/`` server.
+    """Ensure the region's online key, start the publisher and the ``/tuf/`` server (which
+    also serves ``routes``, e.g. the dashboard).
 
     Returned tasks run until cancelled (cancelling the HTTP task closes its socket). Raises
     ``KmsError`` when the online key cannot be ensured (wrong HSM token, etcd or HSM down).
@@ -83,7 +85,7 @@ async def start_trust_distribution(
         tls = None
         if config.tls is not None:
             tls = server_tls_context(config.tls.cert, config.tls.key)
-        http = await start_tuf_http(trust.http_listen, repo.read_file, tls)
+        http = await start_tuf_http(trust.http_listen, repo.read_file, tls, routes)
         port = http.port
         scheme = "http" if tls is None else "https"
         log.info("serving the TUF repository at %s://%s:%d/tuf/", scheme,

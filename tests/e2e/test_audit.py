@@ -56,8 +56,7 @@ def entries(audit_dir: Path, kind: str) -> list[dict[str, object]]:
 def test_a_full_audit_disk_fails_closed_and_every_returned_signature_is_recorded(
     audited_cluster: RunningCluster, tiny_filesystem: Path,
 ) -> None:
-    with audited_cluster.client("admin") as admin:
-        admin.create_key("audited", Algorithm.ECDSA_P256_SHA256)
+    audited_cluster.create_key("audited", Algorithm.ECDSA_P256_SHA256)
     returned: list[str] = []
     refusals: list[SignetError] = []
     with audited_cluster.client(attempts_per_endpoint=1) as client:
@@ -81,7 +80,9 @@ def test_a_full_audit_disk_fails_closed_and_every_returned_signature_is_recorded
         sig = client.sign_digest("audited", digest(10_000), request_id="after")
         assert sig.version == 1
     assert "after" in [e["request_id"] for e in entries(tiny_filesystem, "sign")]
-    assert [e["action"] for e in entries(tiny_filesystem, "admin")] == ["create keys"]
+    # The key came from a custodian ceremony: every step of it is recorded.
+    assert [e["event"] for e in entries(tiny_filesystem, "ceremony")] == [
+        "proposed", "approved", "approved", "executed"]
 
 
 def audit_public_key(cluster: RunningCluster) -> str:
@@ -106,8 +107,7 @@ def audit_public_key(cluster: RunningCluster) -> str:
 
 def test_the_audit_log_of_a_stopped_signer_verifies_offline(fresh_cluster: RunningCluster,
                                                            tmp_path: Path) -> None:
-    with fresh_cluster.client("admin") as admin:
-        admin.create_key("logged", Algorithm.ED25519)
+    fresh_cluster.create_key("logged", Algorithm.ED25519)
     with fresh_cluster.client() as client:
         for n in range(20):
             client.sign_digest("logged", digest(n), request_id=f"req-{n}")
@@ -123,13 +123,14 @@ def test_the_audit_log_of_a_stopped_signer_verifies_offline(fresh_cluster: Runni
     result = subprocess.run([*signet, str(logs[0]), "--output", "json"], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["entries"] == 21  # one admin entry, twenty signatures
+    # four ceremony entries (proposed, approved twice, executed), twenty signatures
+    assert json.loads(result.stdout)["entries"] == 24
 
     copy = tmp_path / "copy"
     shutil.copytree(logs[0], copy)
     lines = (copy / "entries.jsonl").read_text().splitlines()
-    assert '"request_id":"req-4"' in lines[5]
-    lines[5] = lines[5].replace('"request_id":"req-4"', '"request_id":"req-X"')
+    assert '"request_id":"req-1"' in lines[5]  # after the four ceremony entries
+    lines[5] = lines[5].replace('"request_id":"req-1"', '"request_id":"req-X"')
     (copy / "entries.jsonl").write_text("\n".join(lines) + "\n")
     tampered = subprocess.run([*signet, str(copy)], capture_output=True, text=True, check=False)
     assert tampered.returncode == 8

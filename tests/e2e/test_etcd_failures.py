@@ -48,8 +48,7 @@ def signer_health(cluster: RunningCluster) -> str:
 def test_signing_continues_when_the_connected_etcd_member_dies(
     dev_cluster3: RunningCluster,
 ) -> None:
-    with dev_cluster3.client("admin") as admin:
-        admin.create_key("survivor", Algorithm.ECDSA_P256_SHA256)
+    dev_cluster3.create_key("survivor", Algorithm.ECDSA_P256_SHA256)
     before = sign_for(dev_cluster3, "survivor", 1.0)
     assert before
     assert all(outcome == "ok" for _, outcome in before)
@@ -74,8 +73,7 @@ def test_signing_continues_when_the_connected_etcd_member_dies(
 def test_without_etcd_signing_stops_within_a_lease_ttl_and_resumes_by_itself(
     fresh_cluster: RunningCluster,
 ) -> None:
-    with fresh_cluster.client("admin") as admin:
-        admin.create_key("fenced", Algorithm.ECDSA_P256_SHA256)
+    fresh_cluster.create_key("fenced", Algorithm.ECDSA_P256_SHA256)
     with fresh_cluster.client() as client:
         client.sign_digest("fenced", digest(0))
 

@@ -63,8 +63,7 @@ def test_signature_over_grpc_verifies_with_openssl(
     dev_cluster: RunningCluster, tmp_path: Path, algorithm: Algorithm
 ) -> None:
     name = f"openssl-{algorithm.short_name}"
-    with dev_cluster.client("admin") as admin:
-        info = admin.create_key(name, algorithm)
+    info = dev_cluster.create_key(name, algorithm)
     digest = sha256(b"image manifest for " + name.encode())
     with dev_cluster.client() as pipeline:
         signature = pipeline.sign_digest(name, digest)
@@ -84,8 +83,7 @@ def test_signature_over_grpc_verifies_with_openssl(
 def test_identity_not_in_the_policy_is_denied(dev_cluster: RunningCluster) -> None:
     ca = DevCa.load_or_create(dev_cluster.ca_dir)
     intruder = ca.issue("intruder", uri="spiffe://signet.dev/intruder", client=True)
-    with dev_cluster.client("admin") as admin:
-        admin.create_key("guarded", Algorithm.ECDSA_P256_SHA256)
+    dev_cluster.create_key("guarded", Algorithm.ECDSA_P256_SHA256)
     client = SignetClient(dev_cluster.cluster.endpoints(), ca=dev_cluster.cluster.ca,
                           cert=intruder.cert_path, key=intruder.key_path)
     with client, pytest.raises(SignetError) as denied:
@@ -146,14 +144,13 @@ def raw_sign(cluster: RunningCluster, request: signing_pb2.SignDigestRequest) ->
 
 
 def test_bad_input_gets_a_precise_status(dev_cluster: RunningCluster) -> None:
-    with dev_cluster.client("admin") as admin:
-        admin.create_key("strict", Algorithm.ECDSA_P256_SHA256)
-        with pytest.raises(SignetError) as duplicate:
-            admin.create_key("strict", Algorithm.ED25519)
-        assert duplicate.value.code is grpc.StatusCode.ALREADY_EXISTS
-        with pytest.raises(SignetError) as bad_name:
-            admin.create_key("no/slashes", Algorithm.ED25519)
-        assert bad_name.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    dev_cluster.create_key("strict", Algorithm.ECDSA_P256_SHA256)
+    with pytest.raises(SignetError) as duplicate:
+        dev_cluster.propose("create-key", name="strict", algorithm="ed25519")
+    assert duplicate.value.code is grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(SignetError) as bad_name:
+        dev_cluster.propose("create-key", name="no/slashes", algorithm="ed25519")
+    assert bad_name.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
     def request(**fields: object) -> signing_pb2.SignDigestRequest:
         base: dict[str, object] = {
@@ -177,8 +174,7 @@ def test_bad_input_gets_a_precise_status(dev_cluster: RunningCluster) -> None:
 def test_batches_answer_each_item_and_refuse_empty_or_oversized(
     dev_cluster: RunningCluster,
 ) -> None:
-    with dev_cluster.client("admin") as admin:
-        admin.create_key("batch", Algorithm.ECDSA_P256_SHA256)
+    dev_cluster.create_key("batch", Algorithm.ECDSA_P256_SHA256)
     digests = [sha256(str(i).encode()) for i in range(5)]
     with dev_cluster.client() as pipeline:
         public = pipeline.public_key("batch")
@@ -213,8 +209,7 @@ def test_batches_answer_each_item_and_refuse_empty_or_oversized(
 
 
 def test_thousands_of_concurrent_signatures_all_verify(dev_cluster: RunningCluster) -> None:
-    with dev_cluster.client("admin") as admin:
-        admin.create_key("load", Algorithm.ECDSA_P256_SHA256)
+    dev_cluster.create_key("load", Algorithm.ECDSA_P256_SHA256)
     with dev_cluster.client() as pipeline:
         public = pipeline.public_key("load")
         digests = [sha256(f"image-{i}".encode()) for i in range(2400)]
@@ -239,10 +234,24 @@ def test_thousands_of_concurrent_signatures_all_verify(dev_cluster: RunningClust
 def test_the_cli_signs_and_prints_json(dev_cluster: RunningCluster) -> None:
     env_cluster = str(dev_cluster.cluster.path)
     signet = [sys.executable, "-m", "signer.cli.main"]
-    created = subprocess.run([*signet, "key", "create", "cli-key", "--algorithm", "ed25519",
-                              "--cluster", env_cluster], capture_output=True, text=True,
-                             check=False)
-    assert created.returncode == 0, created.stderr
+    # Direct key creation needs a custodian ceremony; the refusal says which command.
+    direct = subprocess.run([*signet, "key", "create", "cli-key", "--algorithm", "ed25519",
+                             "--cluster", env_cluster], capture_output=True, text=True,
+                            check=False)
+    assert direct.returncode == 5, direct.stderr
+    assert "signet ceremony propose create-key" in direct.stderr
+    proposed = subprocess.run([*signet, "ceremony", "propose", "create-key", "cli-key",
+                               "--algorithm", "ed25519", "--output", "json",
+                               "--cluster", env_cluster], capture_output=True, text=True,
+                              check=False)
+    assert proposed.returncode == 0, proposed.stderr
+    proposal_id = json.loads(proposed.stdout)["id"]
+    for key in dev_cluster.custodian_keys()[:2]:
+        approved = subprocess.run([*signet, "ceremony", "approve", proposal_id, "--key",
+                                   str(key), "--cluster", env_cluster], capture_output=True,
+                                  text=True, check=False)
+        assert approved.returncode == 0, approved.stderr
+    assert "EXECUTED" in approved.stdout
     digest = hashlib.sha256(b"cli").hexdigest()
     signed = subprocess.run([*signet, "sign", "--key", "cli-key", "--digest",
                              f"sha256:{digest}", "--output", "json", "--cluster", env_cluster],

@@ -1,10 +1,12 @@
 """Supply-chain signing against a real signer: DSSE statements that stock verifiers accept,
-cosign payloads that openssl verifies, the statement policy, and the admission webhook over
-real HTTPS with signatures filed by the CLI."""
+cosign payloads that openssl verifies, the statement policy, the admission webhook over
+real HTTPS with signatures filed by the CLI, signatures attached to a real local OCI registry
+(images pushed with skopeo), revocation, and runtime attestation with a baseline."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import ssl
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,12 @@ from kms.domain.policy import AccessPolicy
 from kms.domain.provenance import SLSA_PROVENANCE_V1, VerificationPolicy
 from signer.admission import AdmissionController, AdmissionServer
 from signer.dev.ca import DevCa
+from signer.dev.cluster import DevCluster
+from signer.dev.registry import LocalRegistry, minimal_image
 from signer.errors import SignetError
 from signer.payloads.dsse import Envelope, pae
 from signer.payloads.intoto import Statement
+from signer.registry import CosignRegistry
 from signer.signature_store import SignatureStore
 from signer.supplychain_client import SupplyChainClient
 from signer.verification import ClusterKeyResolver
@@ -43,26 +49,67 @@ DIGEST_HEX = "5c" * 32
 IMAGE = f"{REGISTRY}/app@sha256:{DIGEST_HEX}"
 
 
+FILE_HEX = "ab" * 32
+VERIFICATION_POLICY = {"version": 1, "trusted_keys": [KEY, "sc-doomed"],
+                       "builder_ids": ["https://ci.example.com/builders/*"],
+                       "source_repositories": ["https://git.example.com/acme/*"]}
+
+
 @pytest.fixture(scope="module")
-def cluster(dev_cluster: RunningCluster) -> RunningCluster:
-    """The dev cluster with an ECDSA and an Ed25519 key and a statement policy for the
-    pipeline identity."""
-    with dev_cluster.client("admin") as admin:
-        admin.create_key(KEY, Algorithm.ECDSA_P256_SHA256)
-        admin.create_key("sc-ed25519", Algorithm.ED25519)
-        current, revision = admin.get_policy()
-        document = current.to_dict()
-        for binding in document["bindings"]:
-            if binding["identity"].endswith("/pipeline"):
-                binding["statements"] = {
-                    "predicate_types": [SLSA_PROVENANCE_V1],
-                    "builder_ids": ["https://ci.example.com/builders/*"],
-                    "subject_registries": [REGISTRY],
-                    "require_resolved_dependencies": True,
-                }
-        admin.set_policy(AccessPolicy.from_dict(document), expected_revision=revision)
-    time.sleep(0.5)  # the signer applies the policy from its watch
-    return dev_cluster
+def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's docker-registry on a free loopback port with its own storage; stopped after."""
+    registry = LocalRegistry.start(tmp_path_factory.mktemp("registry"))
+    try:
+        yield registry.address
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, local_registry: str
+) -> Iterator[RunningCluster]:
+    """A dev cluster whose signer has a runtime-attestation baseline (for image DIGEST_HEX)
+    and an audit folder we read, with an ECDSA and an Ed25519 key and a statement policy for
+    the pipeline identity that allows REGISTRY and the local registry."""
+    directory = tmp_path_factory.mktemp("sc-cluster")
+    (directory / "baseline.json").write_text(json.dumps({"version": 1, "images": {
+        f"sha256:{DIGEST_HEX}": {"files": {"/app/server": FILE_HEX},
+                                 "environment": {"APP_ENV": "production"},
+                                 "forbidden_environment": ["LD_PRELOAD"]}}}))
+    (directory / "policy.json").write_text(json.dumps(VERIFICATION_POLICY))
+    dev = DevCluster(directory / "cluster")
+    try:
+        running = RunningCluster(dev, dev.up(log=False, signer_settings={
+            "attestation": {"baseline": str(directory / "baseline.json"),
+                            "policy": str(directory / "policy.json")},
+            "audit": {"directory": str(directory / "audit")},
+        }))
+        running.create_key(KEY, Algorithm.ECDSA_P256_SHA256)
+        running.create_key("sc-ed25519", Algorithm.ED25519)
+        with running.client("admin") as admin:
+            current, _ = admin.get_policy()
+            document = current.to_dict()
+            for binding in document["bindings"]:
+                if binding["identity"].endswith("/pipeline"):
+                    binding["statements"] = {
+                        "predicate_types": [SLSA_PROVENANCE_V1],
+                        "builder_ids": ["https://ci.example.com/builders/*"],
+                        "subject_registries": [REGISTRY, local_registry],
+                        "require_resolved_dependencies": True,
+                    }
+        running.ceremony("policy", policy=AccessPolicy.from_dict(document).to_dict())
+        time.sleep(0.5)  # the signer applies the policy from its watch
+        yield running
+    finally:
+        dev.down()
+
+
+def audit_entries(cluster: RunningCluster, kind: str) -> list[dict[str, Any]]:
+    folder = cluster.dev.state_dir.parent / "audit"
+    return [record for log in folder.iterdir()
+            for record in map(json.loads, (log / "entries.jsonl").read_text().splitlines())
+            if record["kind"] == kind]
 
 
 def statement_json(digest_hex: str = DIGEST_HEX) -> bytes:
@@ -155,8 +202,10 @@ def test_policy_and_key_violations_are_refused_with_precise_statuses(
             assert message in refused.value.message
 
 
-def test_attest_without_a_baseline_is_a_failed_precondition(cluster: RunningCluster) -> None:
-    with cluster.client() as client, pytest.raises(SignetError) as refused:
+def test_attest_without_a_baseline_is_a_failed_precondition(
+    dev_cluster: RunningCluster,
+) -> None:
+    with dev_cluster.client() as client, pytest.raises(SignetError) as refused:
         SupplyChainClient(client).attest(f"sha256:{DIGEST_HEX}", {}, {})
     assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
     assert "baseline" in refused.value.message
@@ -234,3 +283,235 @@ def test_admission_webhook_over_https_with_signatures_from_the_cli(
     finally:
         server.stop()
         client.close()
+
+
+SIGNET = [sys.executable, "-m", "signer.cli.main"]
+
+
+def signet(cluster: RunningCluster | None, *args: str, cwd: Path | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    common = [] if cluster is None else ["--cluster", str(cluster.cluster.path)]
+    return subprocess.run([*SIGNET, *args, *common], capture_output=True, text=True,
+                          check=False, cwd=cwd, timeout=120)
+
+
+def skopeo_push(tmp_path: Path, registry: str, repository: str, content: bytes) -> str:
+    """Push a one-layer image with skopeo from an OCI layout; returns the manifest digest
+    as the registry reports it."""
+    image = minimal_image({"app/server": content})
+    layout = tmp_path / f"layout-{hashlib.sha256(content).hexdigest()[:8]}"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    for blob in (image.manifest, image.config, image.layer):
+        (layout / "blobs" / "sha256" / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:" + hashlib.sha256(image.manifest).hexdigest(),
+        "size": len(image.manifest),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+    destination = f"docker://{registry}/{repository}:v1"
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:v1",
+                    destination], check=True, capture_output=True, timeout=60)
+    raw = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", destination],
+                         check=True, capture_output=True, timeout=60).stdout
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def skopeo_raw(reference: str) -> dict[str, Any]:
+    done = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw",
+                           f"docker://{reference}"], check=True, capture_output=True,
+                          timeout=60)
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def provenance_for(cluster: RunningCluster, tmp_path: Path, image: str, name: str) -> Path:
+    lock = tmp_path / "requirements.txt"
+    lock.write_text("flask==3.0.3 --hash=sha256:" + "34" * 32 + "\nrequests==2.32.3\n")
+    out = tmp_path / f"{name}.json"
+    done = signet(None, "provenance", "create", "--subject", image,
+                  "--builder-id", "https://ci.example.com/builders/e2e",
+                  "--source-repo", "https://git.example.com/acme/app", "--commit", "c0" * 20,
+                  "--ref", "refs/heads/main", "--lock-file", str(lock), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_signatures_and_provenance_attached_to_a_local_registry_verify(
+    cluster: RunningCluster, local_registry: str, tmp_path: Path
+) -> None:
+    digest = skopeo_push(tmp_path, local_registry, "acme/app", b"#!/bin/sh\necho signed\n")
+    image = f"{local_registry}/acme/app@{digest}"
+    provenance = provenance_for(cluster, tmp_path, image, "provenance")
+    statement = json.loads(provenance.read_text())
+    dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert {"uri": "pkg:pypi/flask@3.0.3", "name": "flask",
+            "digest": {"sha256": "34" * 32}} in dependencies
+    assert {"uri": "pkg:pypi/requests@2.32.3", "name": "requests"} in dependencies
+
+    signed = signet(cluster, "sign-image", image, "--key", KEY, "--attach",
+                    "--out", str(tmp_path / "signed.json"))
+    assert signed.returncode == 0, signed.stderr
+    assert f"sha256-{digest.removeprefix('sha256:')}.sig" in signed.stderr
+    attested = signet(cluster, "sign-statement", str(provenance), "--key", KEY, "--attach",
+                      "--out", str(tmp_path / "envelope.json"))
+    assert attested.returncode == 0, attested.stderr
+
+    # What is in the registry has cosign's layout, read back with skopeo, not our client.
+    tag = f"{local_registry}/acme/app:{digest.replace(':', '-')}"
+    sig_manifest = skopeo_raw(f"{tag}.sig")
+    [layer] = sig_manifest["layers"]
+    record = json.loads((tmp_path / "signed.json").read_text())
+    assert layer["mediaType"] == "application/vnd.dev.cosign.simplesigning.v1+json"
+    assert layer["annotations"]["dev.cosignproject.cosign/signature"] == record["signature"]
+    assert layer["digest"] == "sha256:" + hashlib.sha256(
+        base64.b64decode(record["payload"])).hexdigest()
+    [att_layer] = skopeo_raw(f"{tag}.att")["layers"]
+    assert att_layer["mediaType"] == "application/vnd.dsse.envelope.v1+json"
+    assert att_layer["annotations"]["predicateType"] == SLSA_PROVENANCE_V1
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(VERIFICATION_POLICY))
+    verified = signet(cluster, "verify-image", image, "--policy", str(policy))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    for rule in ("image-signature", "image-payload", "signature", "subject-digest",
+                 "slsa-builder-id", "slsa-source-repository"):
+        assert f"[pass] {rule}" in verified.stdout, verified.stdout
+
+    # --signature/--payload: the same signature from files, and a tampered payload fails.
+    (tmp_path / "payload.json").write_bytes(base64.b64decode(record["payload"]))
+    (tmp_path / "signature.b64").write_text(record["signature"])
+    from_files = signet(cluster, "verify-image", image, "--policy", str(policy),
+                        "--signature", str(tmp_path / "signature.b64"),
+                        "--payload", str(tmp_path / "payload.json"))
+    assert from_files.returncode == 0, from_files.stdout + from_files.stderr
+    assert "[pass] image-signature" in from_files.stdout
+    (tmp_path / "payload.json").write_bytes(
+        base64.b64decode(record["payload"]).replace(b"acme/app", b"acme/evil"))
+    tampered = signet(cluster, "verify-image", image, "--policy", str(policy),
+                      "--signature", str(tmp_path / "signature.b64"),
+                      "--payload", str(tmp_path / "payload.json"))
+    assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+    assert "[FAIL] image-signature" in tampered.stdout
+    half = signet(cluster, "verify-image", image, "--policy", str(policy),
+                  "--signature", str(tmp_path / "signature.b64"))
+    assert half.returncode == 3, half.stdout + half.stderr
+
+    unsigned_digest = skopeo_push(tmp_path, local_registry, "acme/app", b"unsigned\n")
+    unsigned = signet(cluster, "verify-image", f"{local_registry}/acme/app@{unsigned_digest}",
+                      "--policy", str(policy))
+    assert unsigned.returncode == 1, unsigned.stdout + unsigned.stderr
+    assert "[FAIL] image-signature: rule 'image-signature' failed: no signature" in \
+        unsigned.stdout
+    assert "[FAIL] provenance" in unsigned.stdout
+
+
+def test_a_revoked_key_fails_verification_admission_and_attestation(
+    cluster: RunningCluster, local_registry: str, tmp_path: Path
+) -> None:
+    cluster.create_key("sc-doomed", Algorithm.ECDSA_P256_SHA256)
+    digest = skopeo_push(tmp_path, local_registry, "acme/doomed", b"doomed build\n")
+    image = f"{local_registry}/acme/doomed@{digest}"
+    provenance = provenance_for(cluster, tmp_path, image, "doomed")
+    for argv in (("sign-image", image), ("sign-statement", str(provenance))):
+        done = signet(cluster, *argv, "--key", "sc-doomed", "--attach",
+                      "--out", str(tmp_path / f"{argv[0]}.json"))
+        assert done.returncode == 0, done.stderr
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(VERIFICATION_POLICY))
+    before = signet(cluster, "verify-image", image, "--policy", str(policy))
+    assert before.returncode == 0, before.stdout + before.stderr
+
+    cluster.lifecycle("revoke", "sc-doomed", 1)
+
+    revoked = "key sc-doomed version 1 is REVOKED"
+    after = signet(cluster, "verify-image", image, "--policy", str(policy))
+    assert after.returncode == 1, after.stdout + after.stderr
+    assert "[FAIL] image-signature" in after.stdout
+    assert revoked in after.stdout
+    envelope = tmp_path / "sign-statement.json"
+    attestation = signet(cluster, "verify-attestation", str(envelope), "--policy", str(policy),
+                         "--image", image)
+    assert attestation.returncode == 1, attestation.stdout + attestation.stderr
+    assert "[FAIL] signature: rule 'signature' failed" in attestation.stdout
+    assert revoked in attestation.stdout
+
+    with cluster.client() as client:
+        controller = AdmissionController(
+            CosignRegistry(), ClusterKeyResolver(client, [KEY, "sc-doomed"]),
+            VerificationPolicy.from_dict(VERIFICATION_POLICY), time.time)
+        answer = controller.review(_review(image))["response"]
+        assert answer["allowed"] is False
+        assert image in answer["status"]["message"]
+        assert revoked in answer["status"]["message"]
+
+        denied = SupplyChainClient(client).attest(
+            digest, {}, {}, provenance_envelope=envelope.read_bytes())
+    assert not denied.allowed
+    assert any("provenance rejected" in d and revoked in d for d in denied.discrepancies), \
+        denied.discrepancies
+
+
+def test_runtime_attestation_allows_a_match_and_audits_a_mismatch(
+    cluster: RunningCluster,
+) -> None:
+    request_id = f"e2e-attest-{time.time_ns()}"
+    with cluster.client() as client:
+        supply = SupplyChainClient(client)
+        signed = supply.sign_statement(KEY, statement_json(), request_id=request_id)
+        allowed = supply.attest(
+            f"sha256:{DIGEST_HEX}", {"/app/server": FILE_HEX},
+            {"APP_ENV": "production", "HOME": "/srv"}, signed.envelope_json)
+        assert allowed.allowed, allowed.discrepancies
+        assert allowed.discrepancies == ()
+        denied = supply.attest(
+            f"sha256:{DIGEST_HEX}", {"/app/server": "cd" * 32},
+            {"APP_ENV": "production", "LD_PRELOAD": "/opt/s3cr3t.so"}, signed.envelope_json)
+    assert not denied.allowed
+    assert any("/app/server: sha256" in d for d in denied.discrepancies)
+    assert any("LD_PRELOAD: forbidden" in d for d in denied.discrepancies)
+    # The signer records the statement signature under the caller's request id, and the
+    # mismatch as a security event (without the environment value).
+    assert request_id in [e["request_id"] for e in audit_entries(cluster, "sign")]
+    events = [e for e in audit_entries(cluster, "security")
+              if e["discrepancies"] == list(denied.discrepancies)]
+    assert len(events) == 1
+    assert events[0]["event"] == "runtime_attestation_denied"
+    assert events[0]["image_digest"] == f"sha256:{DIGEST_HEX}"
+    assert "s3cr3t" not in json.dumps(events)
+
+
+def test_provenance_create_collects_git_source_and_pip_freeze(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=e2e", "-c", "user.email=e2e@example.com"]
+    for argv in (["init", "-q", "-b", "main"],
+                 ["remote", "add", "origin", "https://git.example.com/acme/app.git"],
+                 ["commit", "-q", "--allow-empty", "-m", "build me"]):
+        subprocess.run([*git, *argv], check=True, capture_output=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    out = tmp_path / "provenance.json"
+    done = signet(None, "provenance", "create", "--subject", IMAGE, "--builder-id",
+                  "https://ci.example.com/builders/e2e", "--pip-freeze",
+                  "--base-image", f"{REGISTRY}/base/python@sha256:{'9a' * 32}",
+                  "--out", str(out), cwd=repo)
+    assert done.returncode == 0, done.stderr
+    statement = Statement.from_json(out.read_bytes())
+    assert statement.subject_digests() == {f"sha256:{DIGEST_HEX}"}
+    predicate = statement.to_dict()["predicate"]
+    source = predicate["buildDefinition"]["externalParameters"]["source"]
+    assert source == {"repository": "https://git.example.com/acme/app.git", "commit": commit,
+                      "ref": "refs/heads/main"}
+    resolved = predicate["buildDefinition"]["resolvedDependencies"]
+    assert resolved[0] == {"uri": "git+https://git.example.com/acme/app.git@refs/heads/main",
+                           "digest": {"gitCommit": commit}}
+    assert resolved[1]["annotations"] == {"role": "base-image"}
+    uris = {d.get("uri", "") for d in resolved}
+    assert any(u.startswith("pkg:pypi/grpcio@") for u in uris), sorted(uris)
+
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    refused = signet(None, "provenance", "create", "--subject", IMAGE, "--builder-id", "x",
+                     "--out", str(tmp_path / "x.json"), cwd=outside)
+    assert refused.returncode == 3
+    assert "pass --source-repo and --commit" in refused.stderr

@@ -55,12 +55,12 @@ def test_ngclient_verifies_the_bundle_and_sees_a_rotation(
 ) -> None:
     # The dev CA signs the signer's HTTPS certificate; ngclient's urllib3 trusts it this way.
     monkeypatch.setenv("SSL_CERT_FILE", str(dev_cluster.cluster.ca))
-    assert signet(dev_cluster, "key", "create", "tuf-rot").returncode == 0
+    dev_cluster.create_key("tuf-rot")
     deadline = time.monotonic() + 10
     while versions_of(tuf_bundle(dev_cluster, tmp_path / "a"), "tuf-rot") != {
             1: ("ACTIVE", False)}:
         assert time.monotonic() < deadline, "the created key never appeared"
-    assert signet(dev_cluster, "key", "rotate", "tuf-rot").returncode == 0
+    dev_cluster.rotate_key("tuf-rot")
     rotated_at = time.monotonic()
     attempt = 0
     while True:
@@ -77,7 +77,7 @@ def test_ngclient_verifies_the_bundle_and_sees_a_rotation(
 def test_bundle_fetch_and_verify_pass_then_fail_after_revoke(
     dev_cluster: RunningCluster, tmp_path: Path
 ) -> None:
-    assert signet(dev_cluster, "key", "create", "tuf-rev").returncode == 0
+    dev_cluster.create_key("tuf-rev")
     sha = hashlib.sha256(b"image manifest").hexdigest()
     sig = tmp_path / "sig.der"
     signed = signet(dev_cluster, "sign", "--key", "tuf-rev", "--digest", f"sha256:{sha}",
@@ -89,8 +89,7 @@ def test_bundle_fetch_and_verify_pass_then_fail_after_revoke(
     assert ok.returncode == 0, ok.stderr
     assert "valid: signed by key tuf-rev version 1" in ok.stdout
 
-    revoked = signet(dev_cluster, "key", "revoke", "tuf-rev", "--version", "1")
-    assert revoked.returncode == 0, revoked.stderr
+    dev_cluster.lifecycle("revoke", "tuf-rev", 1)
     returned = time.monotonic()
     while True:
         fetched = signet(dev_cluster, "bundle", "fetch", "--state-dir", str(state),

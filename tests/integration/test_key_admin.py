@@ -26,7 +26,9 @@ async def administration(hsm: Pkcs11Hsm) -> tuple[KeyAdministration, InMemoryKey
     store = InMemoryKeyStateStore(clock)
     view = KeyStateView(store, clock, lease_ttl=5)
     await view.start()
-    return KeyAdministration(hsm=hsm, store=store, view=view, clock=clock), store, view
+    # The lifecycle engine itself, as the insecure development mode runs it (ceremonies off).
+    return KeyAdministration(hsm=hsm, store=store, view=view, clock=clock,
+                             ceremonies_required=False), store, view
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,8 @@ def test_a_create_that_loses_the_race_removes_its_hsm_key(hsm: Pkcs11Hsm) -> Non
             await view.stop()
             blind = KeyStateView(InMemoryKeyStateStore(SystemClock()), SystemClock())
             await blind.start()
-            racing = KeyAdministration(hsm=hsm, store=store, view=blind, clock=SystemClock())
+            racing = KeyAdministration(hsm=hsm, store=store, view=blind, clock=SystemClock(),
+                                       ceremonies_required=False)
             made: list[bytes] = []
             real_generate = hsm.generate_key_pair
 

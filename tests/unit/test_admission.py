@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.domain.provenance import VerificationPolicy
-from signer.admission import AdmissionController, MalformedReview
+from signer.admission import AdmissionController, DecisionLog, MalformedReview
 from signer.payloads.dsse import INTOTO_PAYLOAD_TYPE, Envelope, EnvelopeSignature, pae
 from signer.payloads.intoto import Statement
 from signer.payloads.simplesigning import ImageReference, SimpleSigningPayload
@@ -46,11 +47,12 @@ class MemorySource:
         self.signatures: dict[str, StoredSignature] = {}
         self.envelopes: dict[str, list[bytes]] = {}
 
-    def signature(self, digest_hex: str) -> StoredSignature | None:
-        return self.signatures.get(digest_hex)
+    def signatures_for(self, image: ImageReference) -> list[StoredSignature]:
+        stored = self.signatures.get(image.digest_hex)
+        return [] if stored is None else [stored]
 
-    def attestations(self, digest_hex: str) -> list[bytes]:
-        return self.envelopes.get(digest_hex, [])
+    def attestations_for(self, image: ImageReference) -> list[bytes]:
+        return self.envelopes.get(image.digest_hex, [])
 
     def publish(self, image: str, key: SoftwareKey,
                 statement: dict[str, Any] | None = None) -> None:
@@ -188,3 +190,18 @@ def test_malformed_reviews_are_refused(setup: Any, body: bytes, message: str) ->
     _, _, _, controller = setup
     with pytest.raises(MalformedReview, match=message):
         controller.review(body)
+
+
+def test_decisions_are_appended_to_the_decision_log(setup: Any, tmp_path: Path) -> None:
+    source, release, revoked, _ = setup
+    log_path = tmp_path / "decisions.jsonl"
+    controller = AdmissionController(
+        source, StaticKeyResolver([release.resolved, revoked.resolved]), POLICY,
+        clock=lambda: FINISHED.timestamp() + 60, decisions=DecisionLog(log_path))
+    source.publish(image(1), release)
+    answer(controller, review(image(1)))
+    answer(controller, review(image(3)))
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(d["uid"], d["allowed"], d["images"]) for d in lines] == [
+        ("u-1", True, [image(1)]), ("u-1", False, [image(3)])]
+    assert "rule 'image-signature' failed" in lines[1]["message"]

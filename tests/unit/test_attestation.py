@@ -3,12 +3,17 @@ recorded as a security event without environment values."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from kms.attestation import AttestationReport, Baseline, RuntimeAttestation, compare
-from kms.errors import InvalidArgument
+from kms.errors import InvalidArgument, Unavailable
+from signer.telemetry import SecurityEventCounter
 
 IMAGE = "sha256:" + "aa" * 32
 FILE_HEX = "bb" * 32
@@ -59,17 +64,48 @@ def test_each_mismatch_is_denied_and_listed(
     assert any(expected in d for d in decision.discrepancies), decision.discrepancies
 
 
+class MemoryAudit:
+    def __init__(self, *, failing: bool = False) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.failing = failing
+
+    async def record_signature(self, **fields: object) -> int:
+        raise AssertionError("attestation records events only")
+
+    async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int:
+        if self.failing:
+            raise Unavailable("the audit log cannot be written")
+        self.events.append((kind, dict(fields)))
+        return len(self.events)
+
+
 def test_a_denial_is_a_security_event_without_secret_values(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    attestation = RuntimeAttestation(BASELINE)
+    audit = MemoryAudit()
+    registry = CollectorRegistry()
+    attestation = RuntimeAttestation(BASELINE, audit=audit,
+                                     count_event=SecurityEventCounter(registry))
+
+    def events() -> float | None:
+        return registry.get_sample_value("signet_security_events_total",
+                                         {"kind": "runtime_attestation_denied"})
+
+    assert events() == 0.0
     with caplog.at_level(logging.WARNING, logger="signet.security"):
-        allowed = attestation.attest("spiffe://agent", report(), SUBJECTS)
+        allowed = asyncio.run(attestation.attest("spiffe://agent", report(), SUBJECTS))
         assert allowed.allowed
         assert not caplog.records
-        denied = attestation.attest(
-            "spiffe://agent", report(environment={"APP_ENV": "s3cr3t-debug"}), SUBJECTS)
+        assert (audit.events, events()) == ([], 0.0)
+        denied = asyncio.run(attestation.attest(
+            "spiffe://agent", report(environment={"APP_ENV": "s3cr3t-debug"}), SUBJECTS))
     assert not denied.allowed
+    assert events() == 1.0
+    [(kind, fields)] = audit.events
+    assert kind == "security"
+    assert fields == {"event": "runtime_attestation_denied", "identity": "spiffe://agent",
+                      "image_digest": IMAGE, "discrepancies": list(denied.discrepancies)}
+    assert "s3cr3t" not in repr(fields)
     [record] = caplog.records
     assert record.event == "runtime_attestation_denied"  # type: ignore[attr-defined]
     assert record.caller == "spiffe://agent"  # type: ignore[attr-defined]
@@ -85,3 +121,13 @@ def test_malformed_reports_and_baselines_are_refused() -> None:
         Baseline.from_dict({"version": 1, "images": {IMAGE: {"files": {"/a": "nothex"}}}})
     with pytest.raises(InvalidArgument, match="sha256"):
         Baseline.from_dict({"version": 1, "images": {"latest": {}}})
+
+
+def test_a_denial_that_cannot_be_audited_is_not_answered() -> None:
+    registry = CollectorRegistry()
+    attestation = RuntimeAttestation(BASELINE, audit=MemoryAudit(failing=True),
+                                     count_event=SecurityEventCounter(registry))
+    with pytest.raises(Unavailable):
+        asyncio.run(attestation.attest("spiffe://agent", report(measurements={}), SUBJECTS))
+    assert registry.get_sample_value(
+        "signet_security_events_total", {"kind": "runtime_attestation_denied"}) == 0.0

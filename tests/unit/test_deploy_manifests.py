@@ -30,6 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kms.errors import InvalidArgument
 from kms.state.etcd import EtcdConfig
 from signer.cli.main import cli
 from signer.config import ServerConfig
@@ -270,7 +271,7 @@ def test_signer_config_parses(path: Path) -> None:
 def test_a_config_with_several_host_names_is_caught() -> None:
     data = yaml.safe_load((DEPLOY / "config" / "signer-eu-west.yaml").read_text())
     data["etcd"]["endpoints"] = ["etcd-1:2379", "etcd-2:2379"]
-    with pytest.raises(ValueError, match="IPv4"):
+    with pytest.raises(InvalidArgument, match="IPv4"):
         check_signer_config(data, "mutated")
 
 

@@ -76,11 +76,23 @@ def test_config_resolves_relative_paths(tmp_path: Path) -> None:
         ({"hsm": {"token_label": "t"}}, "pin_file or pin_env"),
         ({"hsm": {"token_label": "t", "pin": "1234", "pin_env": "X"}}, "keep the PIN out"),
         ({"lease_ttl_seconds": 0}, "lease_ttl_seconds"),
+        ({"attestation": {"baseline": "b.yaml"}}, "attestation.policy must be a file path"),
+        ({"attestation": {"baseline": "b", "policy": "p", "x": 1}}, "attestation has unknown"),
     ],
 )
 def test_bad_config_names_the_problem(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(errors.InvalidArgument, match=message):
         ServerConfig.from_dict(config(**overrides), base=Path("/"))
+
+
+def test_attestation_files_resolve_relative_to_the_config(tmp_path: Path) -> None:
+    assert ServerConfig.from_dict(config(), base=tmp_path).attestation is None
+    loaded = ServerConfig.from_dict(
+        config(attestation={"baseline": "baseline.yaml", "policy": "/etc/policy.yaml"}),
+        base=tmp_path)
+    assert loaded.attestation is not None
+    assert loaded.attestation.baseline == tmp_path / "baseline.yaml"
+    assert loaded.attestation.policy == Path("/etc/policy.yaml")
 
 
 def test_insecure_config_needs_no_tls() -> None:

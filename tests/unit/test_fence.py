@@ -6,9 +6,15 @@ import asyncio
 
 import pytest
 
-from kms.admin import KeyAdministration, LifecycleSettings
+from kms.admin import SYSTEM, KeyAdministration, LifecycleSettings
 from kms.domain.keys import Algorithm, Key, Replication, VersionState
-from kms.errors import Conflict, FailedPrecondition, InvalidArgument, Unavailable
+from kms.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from kms.ports import GeneratedKeyPair
 from kms.signing import Caller, InflightSignatures
 from kms.state.fence import SignerFence
@@ -109,7 +115,9 @@ def administration() -> tuple[KeyAdministration, InMemoryKeyStateStore, Counting
     hsm = CountingHsm()
     admin = KeyAdministration(hsm=hsm, store=store, view=InstantView(store),  # type: ignore[arg-type]
                               clock=clock, fence=SignerFence(store, clock, timeout=1),
-                              settings=LifecycleSettings(100, 10))
+                              settings=LifecycleSettings(100, 10),
+                              # the lifecycle engine itself, as the insecure dev mode runs it
+                              ceremonies_required=False)
     return admin, store, hsm
 
 
@@ -172,5 +180,31 @@ def test_acknowledgement_waits_for_signatures_authorised_by_older_state() -> Non
             assert not gate.done()
             await inflight.drained_below(5)  # newer-or-equal work never blocks
         await asyncio.wait_for(gate, 1)
+
+    asyncio.run(scenario())
+
+
+def test_direct_lifecycle_calls_need_a_ceremony_except_for_maintenance() -> None:
+    async def scenario() -> None:
+        _, store, hsm = administration()
+        await store.create_key(new_key())
+        strict = KeyAdministration(hsm=hsm, store=store, view=InstantView(store),  # type: ignore[arg-type]
+                                   clock=FakeClock(), settings=LifecycleSettings(100, 10))
+        made = len(hsm.made)
+        with pytest.raises(PermissionDenied, match="signet ceremony propose create-key"):
+            await strict.create_key(ADMIN, name="k2", algorithm=Algorithm.ED25519,
+                                    replication=Replication.REGIONAL)
+        with pytest.raises(PermissionDenied, match="signet ceremony propose rotate NAME"):
+            await strict.rotate(ADMIN, "k")
+        with pytest.raises(PermissionDenied, match="propose revoke"):
+            await strict.revoke(ADMIN, "k", 1)
+        assert len(hsm.made) == made  # refused before the HSM was asked for anything
+        # The maintenance leader's SYSTEM caller (compared by object identity, so no
+        # certificate URI can impersonate it) carries out schedules without a ceremony.
+        rotated = await strict.rotate(SYSTEM, "k")
+        assert rotated.key.primary_version == 2
+        impostor = Caller(SYSTEM.identity, unrestricted=True)
+        with pytest.raises(PermissionDenied):
+            await strict.rotate(impostor, "k")
 
     asyncio.run(scenario())

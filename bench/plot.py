@@ -29,6 +29,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         bars[f"SignDigest\n{callers} callers"] = run["items_per_second"]
     colours = ["#999999", "#555555"] + ["#1f77b4"] * len(results["sign_batch"]["ecdsa-p256"]) \
         + ["#ff7f0e"] * len(results["sign_digest"]["ecdsa-p256"])
+    off = results.get("telemetry_off")
+    if off:  # the same reference points with telemetry.enabled: false
+        bars["SignBatch 256\ntelemetry off"] = off["sign_batch_256"]["items_per_second"]
+        bars["SignDigest 64\ntelemetry off"] = off["sign_digest_64"]["items_per_second"]
+        colours += ["#aec7e8", "#ffbb78"]
     rates.bar(list(bars), list(bars.values()), color=colours)
     rates.axhline(0.7 * ceiling["softhsm_all_cores"]["signatures_per_second"], color="#1f77b4",
                   linestyle="--", linewidth=1, label="70% of SoftHSM ceiling")

@@ -46,6 +46,10 @@ TARGETS = {
     "memory_growth_allowed": "max(5 MiB, 5%) between the first and last tenth of the run",
 }
 
+# One load-generator identity at thousands of calls/s: the per-identity limits (signer.guard)
+# would measure the quota, not the service.
+BENCH_LIMITS = {"limits": {"per_identity_rps": 0, "per_identity_concurrency": 0}}
+
 
 def say(message: str) -> None:
     print(f"bench: {message}", flush=True)
@@ -249,7 +253,12 @@ def run(soak_seconds: float, quick: bool) -> dict[str, Any]:
                               "pinning: the kernel shares the cores between the workers and "
                               "the load generator, whose CPU time is reported per phase",
             "audit_log": "on (always on; group commit with fsync)",
-            "opentelemetry": "not instrumented yet",
+            "opentelemetry": "on: the telemetry interceptor (a span and Prometheus metrics per "
+                             "call) and the HSM/audit tracing wrappers run on every call, trace "
+                             "export off; 'telemetry_off' repeats the reference points on a "
+                             "cluster with telemetry.enabled: false",
+            "limits": "per-identity rate and concurrency limits off (limits: 0): the load "
+                      "generator is one identity, and the benchmark measures capacity",
         },
         "targets": TARGETS,
     }
@@ -258,7 +267,7 @@ def run(soak_seconds: float, quick: bool) -> dict[str, Any]:
         dev = DevCluster(tmp / "cluster")
         try:
             say(f"starting a dev cluster: one signer with {cores} workers")
-            cluster = dev.up(log=False, signer_settings={"workers": cores})
+            cluster = dev.up(log=False, signer_settings={"workers": cores, **BENCH_LIMITS})
             signer = dev.signers()[0]
             workers = wait_for_workers(signer, cores)
             with MemorySampler(signer.pid or 0) as memory:
@@ -281,6 +290,10 @@ def run(soak_seconds: float, quick: bool) -> dict[str, Any]:
                 results["soak"]["memory_series"] = results["memory"]["series"]
         finally:
             dev.down()
+        say("telemetry off: the reference points again on a cluster with "
+            "telemetry.enabled: false")
+        results["telemetry_off"] = measure_cluster(tmp / "telemetry-off", telemetry=False,
+                                                   seconds=seconds)
         revocations = 10 if quick else 20
         say(f"revocation fence: {revocations} revocations, three signer processes")
         results["fence"] = measure_fence(tmp / "fence", revocations)
@@ -349,6 +362,46 @@ def throughput(bench: Bench, cluster: ClusterFile, state_dir: Path, results: dic
                                trust["calls_per_second"], "load": trust}
 
 
+def probe_phases(bench: Bench, seconds: float) -> dict[str, Any]:
+    """The reference points of one configuration: what a change to a hot path moves."""
+    key = "bench-ecdsa-p256"
+    return {
+        "sign_digest_64": bench.load("digest", key_name=key, callers=64, seconds=seconds),
+        "sign_digest_64_without_request_id": bench.load(
+            "digest", key_name=key, callers=64, seconds=seconds, request_ids=False),
+        "health_check_64": bench.load("health", callers=64, seconds=seconds),
+        "sign_batch_256": bench.load("batch", key_name=key, callers=8, batch_size=256,
+                                     seconds=seconds),
+    }
+
+
+def measure_cluster(state_dir: Path, *, telemetry: bool, seconds: float) -> dict[str, Any]:
+    """Start a cluster with telemetry on or off and measure ``probe_phases`` on it."""
+    cores = os.cpu_count() or 1
+    dev = DevCluster(state_dir)
+    try:
+        cluster = dev.up(log=False, signer_settings={
+            "workers": cores, "telemetry": {"enabled": telemetry}, **BENCH_LIMITS})
+        signer = dev.signers()[0]
+        workers = wait_for_workers(signer, cores)
+        with SignetClient.from_cluster(cluster, "admin", timeout=60.0) as client:
+            BenchAdmin(client, state_dir).create_key("bench-ecdsa-p256", "ecdsa-p256")
+        time.sleep(1.0)
+        return probe_phases(Bench(cluster, signer, workers), seconds)
+    finally:
+        dev.down()
+
+
+def probe(*, telemetry: bool) -> None:
+    say(f"probe, telemetry {'on' if telemetry else 'off'}, load average {os.getloadavg()}")
+    tmp = Path(tempfile.mkdtemp(prefix="signet-bench-"))
+    try:
+        measure_cluster(tmp / "cluster", telemetry=telemetry, seconds=5.0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"load average at the end {os.getloadavg()}")
+
+
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, ceiling in results["ceilings"].items():
@@ -402,7 +455,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run SignDigest for this long and check memory stays flat")
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
+    parser.add_argument("--probe", action="store_true",
+                        help="only ECDSA P-256 SignDigest at 64 callers (with and without "
+                             "request ids), the health-check floor and SignBatch 256; prints, "
+                             "writes nothing (for measuring one change quickly, ~40 s)")
+    parser.add_argument("--telemetry", choices=("on", "off"), default="on",
+                        help="with --probe: the signer's telemetry.enabled setting")
     args = parser.parse_args(argv)
+    if args.probe:
+        probe(telemetry=args.telemetry == "on")
+        return
     began = time.monotonic()
     results = run(args.soak, args.quick)
     results["bench_seconds"] = round(time.monotonic() - began, 1)

@@ -32,6 +32,7 @@ from tuf.api.metadata import Metadata, Root
 
 from kms.admin import KeyAdministration, LifecycleSettings
 from kms.domain.ceremony import (
+    MIN_LIFETIME_SECONDS,
     Action,
     CustodianSet,
     Proposal,
@@ -116,7 +117,9 @@ class Ceremonies:
         hsm: Hsm, view: KeyStateView, clock: Clock, fence: SignerFence | None,
         settings: LifecycleSettings, audit: AuditRecorder | None,
         nonce: Callable[[], str] = lambda: secrets.token_hex(16),
+        min_lifetime_seconds: float = MIN_LIFETIME_SECONDS,
     ) -> None:
+        self._min_lifetime = min_lifetime_seconds
         self._records = records
         self._layout = layout
         self._admin = admin
@@ -192,6 +195,36 @@ class Ceremonies:
                 found.append(self._stored(proposal, revision, custodians))
         return sorted(found, key=lambda s: (s.proposal.body.created_at, s.proposal.id))
 
+    # -- retention --------------------------------------------------------------------------
+
+    async def purge_closed(self, retention_seconds: float) -> tuple[str, ...]:
+        """Delete proposals that were executed, cancelled or failed, or expired, more than
+        ``retention_seconds`` ago, each only if unchanged since read (a lost swap waits for
+        the next round). The audit log keeps the permanent record: each deletion is audited
+        (``purged``) before the next. Returns the deleted ids. Raises what the record store
+        raises."""
+        read = await self._records.read_records(prefixes=[self._layout.proposals_dir])
+        now = self._clock.now()
+        purged: tuple[str, ...] = ()
+        for path, (value, revision) in read.records.items():
+            try:
+                proposal = Proposal.from_dict(_decode(path, value))
+            except KmsError as error:
+                log.warning("proposal record %s is unreadable, left in place: %s", path,
+                            error.diagnostics())
+                continue
+            closed = proposal.closed_since(now)
+            if closed is None or now - closed < retention_seconds:
+                continue
+            try:
+                await self._records.write_records({}, expect={path: revision}, deletes=[path])
+            except Conflict:
+                continue
+            await self._record("purged", proposal, status=proposal.status_at(now).value,
+                               closed_at=closed, revision=revision)
+            purged += (proposal.id,)
+        return purged
+
     # -- propose and cancel ---------------------------------------------------------------
 
     async def propose(self, caller: Caller, action: Action, parameters: Mapping[str, Any],
@@ -211,7 +244,7 @@ class Ceremonies:
             self._check_key_target(action, params)
         body = ProposalBody.new(
             action=action, parameters=params, proposer=caller.identity, now=self._clock.now(),
-            nonce=self._nonce(),
+            nonce=self._nonce(), min_lifetime_seconds=self._min_lifetime,
             **({} if not lifetime_seconds else {"lifetime_seconds": lifetime_seconds}))
         proposal = Proposal(body)
         path = self._layout.proposal(proposal.id)

@@ -5,7 +5,9 @@
   rotates keys whose rotation period has passed, retires versions whose grace period ended,
   and destroys versions whose waiting period ended. Each change is a compare-and-swap, so
   even two leaders at once (a lease lapsing mid-round) cannot rotate a key twice for one
-  period: the second swap loses and its new HSM key pair is removed again.
+  period: the second swap loses and its new HSM key pair is removed again. The same leader
+  deletes ceremony proposals closed longer than ``ceremonies.retention_seconds`` (the audit
+  log is their permanent record).
 
 Maintenance is exempt from custodian ceremonies (docs/adr/0009): it acts as
 ``kms.admin.SYSTEM`` and only carries out what custodians already approved — a key's rotation
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from kms.admin import SYSTEM, KeyAdministration
 from kms.domain.keys import VersionState
@@ -32,7 +35,10 @@ class KeyMaintenance:
     def __init__(
         self, *, admin: KeyAdministration, registry: FenceRegistry, hsm: Hsm,
         view: KeyStateView, clock: Clock, signer_id: str, interval: float = 1.0,
+        purge_closed_proposals: Callable[[], Awaitable[tuple[str, ...]]] | None = None,
     ) -> None:
+        """``purge_closed_proposals``: deletes ceremony proposals closed longer than the
+        retention period (``Ceremonies.purge_closed``); the leader calls it every round."""
         self._admin = admin
         self._registry = registry
         self._hsm = hsm
@@ -42,6 +48,7 @@ class KeyMaintenance:
         self._interval = interval
         self._removed: set[bytes] = set()
         self.rotations = 0  # automatic rotations this process made (for tests and metrics)
+        self._purge_closed_proposals = purge_closed_proposals
 
     async def run(self) -> None:
         """Loop until cancelled; a failed round is logged and retried next interval."""
@@ -74,6 +81,11 @@ class KeyMaintenance:
                     await self._admin.apply_due(SYSTEM, key.name, now)
             except Conflict:
                 log.info("key %s changed during maintenance; next round retries", key.name)
+        if self._purge_closed_proposals is not None:
+            purged = await self._purge_closed_proposals()
+            if purged:
+                log.info("deleted %d closed ceremony proposals past their retention period "
+                         "(the audit log keeps them)", len(purged))
 
     async def _remove_destroyed_material(self) -> None:
         for versioned in self._view.all_keys():

@@ -118,6 +118,14 @@ class AuditRecorder(Protocol):
         request_id: str, revision: int, region: str,
     ) -> int: ...
 
+    async def record_signatures(
+        self, *, identity: str, key: str, version: int, key_id: str, revision: int,
+        region: str, digests: Sequence[str], request_ids: Sequence[str],
+    ) -> list[int]:
+        """One ``sign`` entry per digest (request id at the same position), durable together
+        or not at all; returns their indices in order (a batch: one queue operation)."""
+        ...
+
     async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int: ...
 
 

@@ -11,7 +11,16 @@ I2). Dropped signatures are audited but never returned, which ADR 0005 allows.
 One etcd write per request (no claim before signing) keeps the cost low: etcd batches
 concurrent transactions into one disk sync. A read before signing (no disk sync) answers the
 usual retry — one that arrives after the first attempt finished — from the stored result, so
-only a retry racing the original is signed twice (audited, never returned twice).
+only a retry racing the original is signed twice (audited, never returned twice). The read is
+*serializable* (the local member's state): it may miss a result committed a moment ago through
+another member, which costs one more audited-but-never-returned signature, never a second
+acknowledged one, since the create-if-absent transaction decides.
+
+The lookups and the creates of concurrent requests are coalesced: while one group is in
+flight to etcd, the next one gathers, and goes as one read-only transaction (lookups) or one
+all-or-nothing create transaction (claims; when some id in it already exists, the existing ones
+are answered and the rest are tried again). Under load one etcd round trip serves many
+requests; a lone request goes at once.
 
 Records live on a shared *window lease* (TTL = the idempotency window), granted afresh every
 tenth of the window, so an id is remembered for between one and 1.1 windows; etcd deletes it
@@ -25,15 +34,18 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from kms.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 MAX_REQUEST_ID = 200
+MAX_GROUP = 128  # etcd's default --max-txn-ops
 DEFAULT_WINDOW_SECONDS = 600.0
 
 
@@ -43,9 +55,14 @@ class LedgerStore(Protocol):
     @property
     def layout(self) -> Any: ...
     async def grant_lease(self, ttl_seconds: int) -> int: ...
-    async def claim_request(self, path: str, value: bytes, lease_id: int
-                            ) -> tuple[bool, bytes | None, int]: ...
-    async def get_record(self, path: str) -> dict[str, Any] | None: ...
+    async def read_requests(self, paths: Sequence[str]) -> list[bytes | None]:
+        """Serializable reads of at most ``MAX_GROUP`` paths in one round trip."""
+        ...
+
+    async def claim_requests(self, claims: Sequence[tuple[str, bytes]], lease_id: int
+                             ) -> list[tuple[bool, bytes | None]]:
+        """Create-if-absent for at most ``MAX_GROUP`` distinct paths: (created, existing)."""
+        ...
 
 
 def identity_hash(identity: str) -> str:
@@ -56,6 +73,59 @@ def fingerprint(*parts: str) -> str:
     """What a request id is bound to (key, version, digest): reusing the id for anything else
     is refused."""
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+class _Coalescer(Generic[A, R]):
+    """Runs ``flush(group)`` for the arguments of concurrent calls, one group at a time: calls
+    made while a group is in flight wait for the next one (at most ``MAX_GROUP`` each), so under
+    load one etcd round trip serves many requests, and a lone call still goes at once. Each
+    caller gets its own result, or the group's exception."""
+
+    def __init__(self, flush: Callable[[list[A]], Awaitable[list[R]]], name: str) -> None:
+        self._flush = flush
+        self._name = name
+        self._queue: list[tuple[A, asyncio.Future[R]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def __call__(self, argument: A) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((argument, future))
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(
+                self._drain(), name=self._name)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group = [(argument, future) for argument, future in self._queue[:MAX_GROUP]
+                         if not future.done()]  # callers that gave up are skipped
+                del self._queue[:MAX_GROUP]
+                if group:
+                    await self._answer(group)
+        finally:
+            self._draining = None
+            _fail(self._queue, Unavailable("the request-id ledger stopped"))  # cancelled only
+            self._queue.clear()
+
+    async def _answer(self, group: list[tuple[A, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._flush([argument for argument, _ in group])
+        except Exception as error:  # each caller gets the group's failure
+            _fail(group, error)
+            return
+        except BaseException:  # cancelled (loop shutdown): nobody may wait forever
+            _fail(group, Unavailable("the request-id ledger stopped"))
+            raise
+        for (_, future), result in zip(group, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+def _fail(waiting: list[tuple[Any, asyncio.Future[Any]]], error: Exception) -> None:
+    for _, future in waiting:
+        if not future.done():
+            future.set_exception(error)
 
 
 class _Answered(Exception):
@@ -81,6 +151,31 @@ class RequestLedger:
         self._now = wall_clock
         self._lease: tuple[int, float] | None = None  # id, monotonic time granted
         self._lease_lock = asyncio.Lock()
+        self._lookups: _Coalescer[str, bytes | None] = _Coalescer(
+            self._store.read_requests, "request-id lookups")
+        self._claims: _Coalescer[tuple[str, bytes], bool | bytes] = _Coalescer(
+            self._claim_group, "request-id claims")
+
+    async def _claim_group(self, claims: list[tuple[str, bytes]]) -> list[bool | bytes]:
+        """True where this claim created its record; else the value stored first. A duplicate
+        path within the group loses to its first occurrence, like a concurrent duplicate."""
+        lease = await self._window_lease()
+        sent: dict[str, tuple[int, int]] = {}  # path: (index in distinct, position in claims)
+        distinct: list[tuple[str, bytes]] = []
+        for position, (path, value) in enumerate(claims):
+            if path not in sent:
+                sent[path] = (len(distinct), position)
+                distinct.append((path, value))
+        outcomes = await self._store.claim_requests(distinct, lease)
+        results: list[bool | bytes] = []
+        for position, (path, _) in enumerate(claims):
+            at, first_position = sent[path]
+            created, existing = outcomes[at]
+            if position == first_position:
+                results.append(True if created else existing or b"{}")
+            else:
+                results.append(distinct[at][1] if created else existing or b"{}")
+        return results
 
     async def _window_lease(self) -> int:
         async with self._lease_lock:
@@ -110,13 +205,16 @@ class RequestLedger:
         path = self._store.layout.request(identity_hash(identity), request_id)
         try:
             async with asyncio.timeout(self._store_timeout):
-                earlier = await self._store.get_record(path)
+                # Serializable (the local member's view, no leader round): a result another
+                # region stored moments ago may be missed; then this attempt signs, audits and
+                # loses the create below, and returns the stored result (docs/adr/0010).
+                found = await self._lookups(path)
         except TimeoutError:
             raise Unavailable(
                 "cannot look up the request id: etcd did not answer in time; retry, or use "
                 "another region") from None
-        if earlier is not None:
-            return self._stored(earlier, request_id, bound_to, decode, still_valid)
+        if found is not None:
+            return self._stored(json.loads(found), request_id, bound_to, decode, still_valid)
 
         async def commit(result: T) -> None:
             record = {"bound_to": bound_to, "owner": self._signer_id,
@@ -125,15 +223,13 @@ class RequestLedger:
                 # Bounded: a caller's deadline is usually a few seconds, and a result that
                 # cannot be stored means this region cannot answer now (fail closed).
                 async with asyncio.timeout(self._store_timeout):
-                    lease = await self._window_lease()
-                    stored, existing, _ = await self._store.claim_request(
-                        path, _encode(record), lease)
+                    claimed = await self._claims((path, _encode(record)))
             except TimeoutError:
                 raise Unavailable(
                     "cannot record the request id: etcd did not answer in time; retry, or "
                     "use another region") from None
-            if not stored:
-                raise _Answered(json.loads(existing or b"{}"))
+            if claimed is not True:
+                raise _Answered(json.loads(claimed or b"{}"))
 
         try:
             return await action(commit)

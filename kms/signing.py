@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from kms import errors
 from kms.domain.keys import Algorithm, Digest, Key, KeyVersion, VersionState
 from kms.domain.policy import AccessPolicy
 from kms.errors import FailedPrecondition, InvalidArgument, KmsError, NotFound, PermissionDenied
@@ -232,15 +233,46 @@ class SigningService:
         invalid (passed in as errors) or that fail alone keep their own error; the others
         are signed and audited (item ``i`` under request id ``<request_id>#<i>``); an item
         whose audit record fails gets ``Unavailable`` instead of its signature. Errors about
-        the key or caller fail the whole batch."""
+        the key or caller fail the whole batch. With a request ledger, a request id seen in
+        the window returns the stored outcomes instead of signing again."""
         if not digests:
             raise InvalidArgument("a batch needs at least one digest")
         if len(digests) > MAX_BATCH:
             raise InvalidArgument(
                 f"a batch holds at most {MAX_BATCH} digests, got {len(digests)}; split it"
             )
+        if self._requests is None or not request_id:
+            return await self._sign_batch_tracked(caller, key_name, version, digests,
+                                                  request_id=request_id, commit=None)
+        # As for SignDigest: a retried batch (same caller and request id) gets the results
+        # the first attempt stored, from any signer in any region, instead of new signatures.
+        self._view.require_current()
+        return await self._requests.once(
+            caller.identity, request_id, _batch_fingerprint(key_name, version, digests),
+            lambda commit: self._sign_batch_tracked(caller, key_name, version, digests,
+                                                    request_id=request_id, commit=commit),
+            encode=_batch_record, decode=_batch_from_record,
+            still_valid=self._batch_still_valid,
+        )
+
+    async def _sign_batch_tracked(
+        self, caller: Caller, key_name: str, version: int | None,
+        digests: Sequence[Digest | KmsError], *, request_id: str,
+        commit: Callable[[list[Signature | KmsError]], Awaitable[None]] | None,
+    ) -> list[Signature | KmsError]:
         with self.inflight.track(self._view.revision):
-            return await self._sign_batch(caller, key_name, version, digests, request_id)
+            results = await self._sign_batch(caller, key_name, version, digests, request_id)
+            if commit is not None and any(isinstance(r, Signature) for r in results):
+                # Inside the in-flight count and shielded, as in _sign_digest. A batch that
+                # signed nothing is not stored: its retry may simply try again.
+                await asyncio.shield(commit(results))
+            return results
+
+    def _batch_still_valid(self, results: Sequence[Signature | KmsError]) -> None:
+        for result in results:
+            if isinstance(result, Signature):
+                self._still_valid(result.key, result.version)
+                return  # one version per batch
 
     async def _sign_batch(
         self,
@@ -274,26 +306,33 @@ class SigningService:
             return results
         signed = await self._sign_in_hsm(key, chosen, [d.value for d in todo_digests])
         self._still_valid(key_name, chosen.number)
-        audited: list[tuple[int, Digest, Signature]] = []
+        audited: list[int] = []
+        audited_digests: list[str] = []
+        signatures: list[bytes] = []
         for index, digest, outcome in zip(todo, todo_digests, signed, strict=True):
             if isinstance(outcome, KmsError):
                 results[index] = outcome
             elif isinstance(outcome, Exception):
                 results[index] = KmsError(f"HSM error: {outcome}")
             else:
-                signature = self._result(key, chosen, versioned.mod_revision, outcome)
-                audited.append((index, digest, signature))
-        records = await asyncio.gather(
-            *(self._record(caller, sig, d, f"{request_id}#{i}") for i, d, sig in audited),
-            return_exceptions=True,
-        )
-        for (index, _, sig), record in zip(audited, records, strict=True):
-            if isinstance(record, KmsError):
-                results[index] = record
-            elif isinstance(record, BaseException):
-                raise record
-            else:
-                results[index] = sig
+                audited.append(index)
+                audited_digests.append(str(digest))
+                signatures.append(outcome)
+        if not audited:
+            return results
+        # One audit queue operation for the whole batch (I3): durable together before any
+        # signature is returned, or every one of them is replaced by the audit error.
+        try:
+            await self._audit.record_signatures(
+                identity=caller.identity, key=key.name, version=chosen.number,
+                key_id=chosen.key_id, revision=versioned.mod_revision, region=self._region,
+                digests=audited_digests, request_ids=[f"{request_id}#{i}" for i in audited])
+        except KmsError as error:
+            for index in audited:
+                results[index] = error
+            return results
+        for index, sig in zip(audited, signatures, strict=True):
+            results[index] = self._result(key, chosen, versioned.mod_revision, sig)
         return results
 
 
@@ -309,3 +348,38 @@ def _signature_from_record(record: Mapping[str, Any]) -> Signature:
                      int(record["version"]), str(record["key_id"]),
                      Algorithm(record["algorithm"]), int(record["revision"]),
                      str(record["region"]))
+
+
+# -- stored batch results (request ids) --------------------------------------------------------
+
+
+def _batch_fingerprint(key_name: str, version: int | None,
+                       digests: Sequence[Digest | KmsError]) -> str:
+    return fingerprint("batch", key_name, str(version or 0),
+                       *(f"error:{item}" if isinstance(item, KmsError) else str(item)
+                         for item in digests))
+
+
+def _batch_record(results: Sequence[Signature | KmsError]) -> dict[str, Any]:
+    """The batch's outcomes in order: signatures as base64 (the key version fields once, as a
+    batch signs with one version) and errors as their kind and message."""
+    signed = next(r for r in results if isinstance(r, Signature))
+    shared = _signature_record(signed)
+    del shared["signature"]
+    items: list[Any] = [
+        base64.b64encode(r.signature).decode() if isinstance(r, Signature)
+        else {"error": type(r).__name__, "message": str(r)} for r in results]
+    return {**shared, "items": items}
+
+
+def _batch_from_record(record: Mapping[str, Any]) -> list[Signature | KmsError]:
+    results: list[Signature | KmsError] = []
+    for item in record["items"]:
+        if isinstance(item, str):
+            results.append(_signature_from_record({**record, "signature": item}))
+        else:
+            kind = getattr(errors, str(item["error"]), KmsError)
+            if not (isinstance(kind, type) and issubclass(kind, KmsError)):
+                kind = KmsError
+            results.append(kind(str(item["message"])))
+    return results

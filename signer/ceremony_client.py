@@ -29,6 +29,7 @@ from kms.errors import InvalidArgument
 from kms.tuf.signing import load_custodian_signer
 from signer._pb.signet.v1 import ceremony_pb2, ceremony_pb2_grpc
 from signer.client import KeyInfo, SignetClient
+from signer.custodian_keys import is_pkcs11_uri, pkcs11_sign
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,15 @@ class ApprovalInfo:
                 "signers_lapsed": list(self.signers_lapsed)}
 
 
-def sign_approval(proposal: ProposalInfo, key_path: Path) -> dict[str, Any]:
+def sign_approval(proposal: ProposalInfo, key_path: Path | str) -> dict[str, Any]:
     """A DSSE approval envelope for ``proposal`` signed with the custodian key in
-    ``key_path`` (PEM; Ed25519 or ECDSA P-256). Raises ``InvalidArgument`` for an unreadable
-    key, naming the file but never its content."""
-    signer = load_custodian_signer(key_path)
+    ``key_path`` (PEM; Ed25519 or ECDSA P-256) or, for a ``pkcs11:`` URI, in the custodian's
+    own token (ECDSA P-256; ``signer.custodian_keys``). Raises ``InvalidArgument`` for an
+    unreadable key, naming the file but never its content, and ``HsmError`` for a token that
+    cannot be used."""
+    if isinstance(key_path, str) and is_pkcs11_uri(key_path):
+        return _sign_approval_pkcs11(proposal, key_path)
+    signer = load_custodian_signer(Path(key_path))
     root_signature = None
     if proposal.body.action is Action.ROTATE_ROOT:
         root = proposal.body.parameters["root"]
@@ -104,6 +109,20 @@ def sign_approval(proposal: ProposalInfo, key_path: Path) -> dict[str, Any]:
     signature = signer.sign(pae(APPROVAL_PAYLOAD_TYPE, statement.payload()))
     return approval_envelope(statement, signer.public_key.keyid,
                              bytes.fromhex(signature.signature))
+
+
+def _sign_approval_pkcs11(proposal: ProposalInfo, uri: str) -> dict[str, Any]:
+    root_bytes = (root_signed_bytes(proposal.body.parameters["root"])
+                  if proposal.body.action is Action.ROTATE_ROOT else None)
+    # The root first (its signature goes into the signed statement), then the statement.
+    if root_bytes is None:
+        root_signature = None
+    else:
+        _, (root_der,) = pkcs11_sign(uri, [root_bytes])
+        root_signature = root_der.hex()
+    statement = ApprovalStatement(proposal.id, proposal.body.sha256, root_signature)
+    key, (signature,) = pkcs11_sign(uri, [pae(APPROVAL_PAYLOAD_TYPE, statement.payload())])
+    return approval_envelope(statement, key.keyid, signature)
 
 
 class CeremonyClient:
@@ -156,9 +175,10 @@ class CeremonyClient:
             response.fence_seconds, tuple(response.signers_acknowledged),
             tuple(response.signers_lapsed))
 
-    def approve(self, proposal_id: str, key_path: Path) -> ApprovalInfo:
+    def approve(self, proposal_id: str, key_path: Path | str) -> ApprovalInfo:
         """Fetch the proposal, check it hashes to ``proposal_id``, sign it locally with the
-        custodian key in ``key_path`` and send the approval."""
+        custodian key in ``key_path`` (a PEM file, or a ``pkcs11:`` URI) and send the
+        approval."""
         proposal = self.get(proposal_id)
         return self.approve_envelope(proposal_id, sign_approval(proposal, key_path))
 

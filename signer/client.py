@@ -30,7 +30,11 @@ from signer.errors import SignetError
 T = TypeVar("T")
 # Seconds an endpoint that failed with a retryable status waits behind the others (_call).
 FAILOVER_COOLDOWN = 2.0
-_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED too: this client never cancels its own calls, so it means the signer gave up on
+# the call — a signer told to stop (SIGTERM) cancels the calls it is handling (measured in
+# tests/e2e/test_chaos.py). Sign requests carry a request id, so retrying them is safe.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.CANCELLED})
 _STATE_NAMES = {v: k for k, v in convert._STATES.items()}
 
 
@@ -200,6 +204,9 @@ class SignetClient:
             time.sleep(min(0.05 * 2**attempt, 0.5))
         if last is None:
             raise ValueError("no endpoints to call")
+        if last.code() is grpc.StatusCode.CANCELLED:
+            raise SignetError(grpc.StatusCode.UNAVAILABLE,
+                              "the signer stopped while handling the call; retry") from None
         raise SignetError.from_rpc_error(last) from None
 
     def sign_digest(

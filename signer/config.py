@@ -29,6 +29,8 @@ Example::
       timestamp_resign_seconds: 3600            # renew the timestamp when it is this old
       metadata_expiry_seconds: 604800           # snapshot and targets lifetime
     telemetry:                                  # optional; everything off by default
+      enabled: true                             # false: no RPC interceptor, spans or metrics
+                                                # wrappers at all (the fastest path)
       metrics_listen: 127.0.0.1:9464            # Prometheus /metrics; "" off; worker N: port+N
       otlp_endpoint: otel-collector:4317        # OTLP/gRPC trace export; "" off
       otlp_insecure: false                      # plaintext to the collector
@@ -42,8 +44,15 @@ Example::
                                                 # key without the onboarding ceremony
       request_window_seconds: 600               # remember sign request ids this long; 0 off
 
+    limits:                                     # optional (docs/adr/0012); these are defaults
+      per_identity_rps: 2000                    # token-bucket refill per caller identity; 0 off
+      per_identity_burst: 4000                  # bucket size
+      per_identity_concurrency: 256             # calls in flight per identity; 0 off
+
     ceremonies:                                 # optional (docs/adr/0009)
       required: true                            # lifecycle changes need custodian ceremonies
+      retention_seconds: 2592000                # delete closed proposals after 30 days
+                                                # (the audit log keeps them for good)
     dashboard:                                  # optional; off without a token file
       token_file: /run/secrets/dashboard-token  # read-only bearer token (never in the config)
       reports_dir: drills                       # optional: drill reports (*.json) to list
@@ -70,6 +79,9 @@ import yaml
 from kms.admin import LifecycleSettings
 from kms.errors import InvalidArgument
 from kms.state.etcd import EtcdConfig
+from signer.guard import LimitsConfig
+
+DEFAULT_CEREMONY_RETENTION_SECONDS = 30 * 86_400.0
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,11 @@ class TrustConfig:
 @dataclass(frozen=True)
 class TelemetryConfig:
     """``telemetry:`` section (docs/operator-guide.md). ``metrics_listen`` "" turns the
-    Prometheus endpoint off; ``otlp_endpoint`` "" turns trace export off."""
+    Prometheus endpoint off; ``otlp_endpoint`` "" turns trace export off. ``enabled`` false
+    drops the per-RPC interceptor and the HSM/audit tracing wrappers (no spans, no RPC or
+    signature metrics; the state gauges stay) — measured in bench/README.md."""
 
+    enabled: bool = True
     metrics_listen: str = ""
     otlp_endpoint: str = ""
     otlp_insecure: bool = False
@@ -203,8 +218,12 @@ class ServerConfig:
     workers: int | None = None  # None: one per core (see ``worker_count``)
     # False only in the insecure development mode: lifecycle RPCs then skip ceremonies.
     ceremonies_required: bool = True
+    # Closed (executed, cancelled, failed, expired) proposals are deleted after this long.
+    ceremony_retention_seconds: float = DEFAULT_CEREMONY_RETENTION_SECONDS
+    ceremony_min_lifetime_seconds: float = 60.0  # shortest proposal lifetime accepted
     attestation: AttestationConfig | None = None
     multi_region: MultiRegionConfig = MultiRegionConfig()
+    limits: LimitsConfig = LimitsConfig()  # noqa: RUF009 - frozen, immutable
     dashboard: DashboardConfig | None = None  # None: no token file configured, dashboard off
 
     def worker_count(self, override: int | None = None) -> int:
@@ -316,8 +335,11 @@ class ServerConfig:
             workers=_workers(data.get("workers")),
             attestation=_attestation(data.get("attestation"), base),
             ceremonies_required=_ceremonies_required(data.get("ceremonies", {}), insecure),
+            ceremony_retention_seconds=_ceremony_retention(data.get("ceremonies", {})),
+            ceremony_min_lifetime_seconds=_ceremony_min_lifetime(data.get("ceremonies", {})),
             dashboard=_dashboard(data.get("dashboard"), base),
             multi_region=_multi_region(data.get("multi_region", {})),
+            limits=_limits(data.get("limits", {})),
         )
 
 
@@ -344,13 +366,32 @@ def _hsm(raw: Mapping[str, Any], path: Callable[[Any, str], Path]) -> HsmSetting
 
 
 def _ceremonies_required(raw: Any, insecure: bool) -> bool:
-    if not isinstance(raw, Mapping) or set(raw) - {"required"}:
-        raise InvalidArgument("config 'ceremonies' must be a mapping with only 'required'")
+    if not isinstance(raw, Mapping) or set(raw) - {
+            "required", "retention_seconds", "min_lifetime_seconds"}:
+        raise InvalidArgument("config 'ceremonies' must be a mapping with only 'required', "
+                              "'retention_seconds' and 'min_lifetime_seconds'")
     required = raw.get("required", True)
     if not isinstance(required, bool):
         raise InvalidArgument("config ceremonies.required must be true or false (false is the "
                               "insecure development mode)")
     return required and not insecure
+
+
+def _ceremony_min_lifetime(raw: Any) -> float:
+    value = raw.get("min_lifetime_seconds", 60) if isinstance(raw, Mapping) else 60
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 60:
+        raise InvalidArgument("config ceremonies.min_lifetime_seconds must be 1 to 60 seconds "
+                              "(lower than 60 only for tests)")
+    return float(value)
+
+
+def _ceremony_retention(raw: Any) -> float:
+    value = raw.get("retention_seconds", DEFAULT_CEREMONY_RETENTION_SECONDS) \
+        if isinstance(raw, Mapping) else DEFAULT_CEREMONY_RETENTION_SECONDS
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidArgument("config ceremonies.retention_seconds must be a number of seconds "
+                              "(0 or more) after which closed proposals are deleted")
+    return float(value)
 
 
 def _workers(raw: Any) -> int | None:
@@ -423,6 +464,28 @@ def _trust(raw: Any) -> TrustConfig:
     return trust
 
 
+def _limits(raw: Any) -> LimitsConfig:
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("config 'limits' must be a mapping")
+    unknown = set(raw) - set(LimitsConfig.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgument(f"config limits has unknown fields: {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for name, field in LimitsConfig.__dataclass_fields__.items():
+        value = raw.get(name, field.default)
+        whole = field.type in (int, "int")
+        if isinstance(value, bool) or not isinstance(value, int if whole else int | float) \
+                or value < 0 or value > 1_000_000:
+            kind = "a whole number" if whole else "a number"
+            raise InvalidArgument(f"config limits.{name} must be {kind} from 0 to 1000000")
+        values[name] = value if whole else float(value)
+    limits = LimitsConfig(**values)
+    if limits.per_identity_rps and limits.per_identity_burst < 1:
+        raise InvalidArgument("config limits.per_identity_burst must be at least 1 while "
+                              "per_identity_rps is on")
+    return limits
+
+
 def _telemetry(raw: Any) -> TelemetryConfig:
     if not isinstance(raw, Mapping):
         raise InvalidArgument("config 'telemetry' must be a mapping")
@@ -435,9 +498,12 @@ def _telemetry(raw: Any) -> TelemetryConfig:
     listen = raw.get("metrics_listen", "")
     if listen and ":" not in listen:
         raise InvalidArgument("config telemetry.metrics_listen must be host:port, or empty")
-    for name in ("otlp_insecure", "console_traces"):
+    for name in ("enabled", "otlp_insecure", "console_traces"):
         if not isinstance(raw.get(name, False), bool):
             raise InvalidArgument(f"config telemetry.{name} must be true or false")
+    if raw.get("enabled") is False and (raw.get("otlp_endpoint") or raw.get("console_traces")):
+        raise InvalidArgument("config telemetry.enabled is false, so there are no traces to "
+                              "export: remove otlp_endpoint and console_traces, or enable it")
     return TelemetryConfig(**raw)
 
 

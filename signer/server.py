@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import secrets
@@ -31,7 +32,7 @@ from kms.ceremony import Ceremonies
 from kms.errors import KmsError
 from kms.hsm.pkcs11 import Pkcs11Hsm, load_pin
 from kms.maintenance import KeyMaintenance
-from kms.ports import SystemClock
+from kms.ports import AuditRecorder, Hsm, SystemClock
 from kms.region_keys import ensure_region_key
 from kms.replication import KeyReplicator
 from kms.requests import RequestLedger
@@ -56,6 +57,7 @@ from signer._pb.signet.v1 import (
 from signer.config import ServerConfig
 from signer.dashboard import DashboardSources, dashboard_routes, proposal_listing
 from signer.dev.softhsm import find_softhsm_module
+from signer.guard import DenialAuditor, GuardInterceptor
 from signer.servicers.attestation import (
     AttestationServicer,
     AttestationSetup,
@@ -231,6 +233,15 @@ def _etcd_store(config: ServerConfig) -> EtcdKeyStateStore:
     )
 
 
+def _instrumented(config: ServerConfig, hsm: Hsm, audit: AuditRecorder
+                  ) -> tuple[Hsm, AuditRecorder]:
+    """The HSM and audit ports with tracing wrappers, or bare with ``telemetry.enabled``
+    false (no span or metric per call; the cost is measured in bench/README.md)."""
+    if not config.telemetry.enabled:
+        return hsm, audit
+    return TracedHsm(hsm), TracedAudit(audit)
+
+
 def _start_telemetry(config: ServerConfig, signer_id: str) -> None:
     """Trace export and the Prometheus endpoint, as configured (both off by default)."""
     settings = config.telemetry
@@ -316,6 +327,30 @@ async def _listen(server: grpc.aio.Server, config: ServerConfig) -> int:
     return port
 
 
+def _grpc_server(config: ServerConfig, health: HealthServicer
+                 ) -> tuple[grpc.aio.Server, DenialAuditor]:
+    """The gRPC server with health and reflection, and its interceptors: per-identity limits
+    and audited denials (docs/adr/0012) inside telemetry when that is on, so refused calls
+    still show in the metrics. The auditor writes once the audit log is attached."""
+    denials = DenialAuditor(config.limits, count_event=metrics().security_events)
+    guard = GuardInterceptor(config.limits, denials, insecure=config.insecure)
+    server = grpc.aio.server(
+        interceptors=[TelemetryInterceptor(), guard] if config.telemetry.enabled else [guard],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    return server, denials
+
+
 async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> RunningSigner:
     """Open the HSM and etcd, start the server, and mark it SERVING once everything is ready.
 
@@ -331,21 +366,8 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
     if not config.ceremonies_required:
         log.warning(NO_CEREMONIES_WARNING)
     health = HealthServicer()
-    server = grpc.aio.server(
-        interceptors=[TelemetryInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 1),
-        ]
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server, denials = _grpc_server(config, health)
     await _set_health(health, serving=False)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
     services = _Services(attestation=None if config.attestation is None else Deferred())
     _add_services(server, config, services)
     signing, admin, state, statements = (
@@ -361,7 +383,6 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
     process_name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     signer_id = f"{config.region}/{process_name}"
     _start_telemetry(config, signer_id)
-    traced_hsm = TracedHsm(hsm)
     inflight = InflightSignatures()
     view = KeyStateView(
         store, clock, lease_ttl=config.lease_ttl_seconds, signer_id=signer_id, registry=store,
@@ -370,22 +391,28 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
     await view.start()
     audit = await _open_audit(config, store, hsm, clock, signer_id=signer_id,
                               process_name=process_name)
+    traced_hsm, traced_audit = _instrumented(config, hsm, audit)
+    denials.attach(traced_audit)
     replicator = await _start_replication(config, hsm=hsm, store=store, view=view,
                                           signer_id=signer_id)
     administration = KeyAdministration(
-        hsm=traced_hsm, store=store, view=view, clock=clock, audit=TracedAudit(audit),
+        hsm=traced_hsm, store=store, view=view, clock=clock, audit=traced_audit,
         fence=SignerFence(store, clock, timeout=config.lifecycle.fence_timeout_seconds),
         settings=config.lifecycle.settings, ceremonies_required=config.ceremonies_required,
         region=config.region, replicator=replicator,
     )
-    services.ceremonies.set(Ceremonies(
+    ceremonies = Ceremonies(
         records=store, layout=store.layout, admin=administration, hsm=traced_hsm, view=view,
         clock=clock, fence=SignerFence(store, clock,
                                        timeout=config.lifecycle.fence_timeout_seconds),
-        settings=config.lifecycle.settings, audit=TracedAudit(audit)))
+        settings=config.lifecycle.settings, audit=traced_audit,
+        min_lifetime_seconds=config.ceremony_min_lifetime_seconds)
+    services.ceremonies.set(ceremonies)
     maintenance = KeyMaintenance(
         admin=administration, registry=store, hsm=hsm, view=view, clock=clock,
         signer_id=signer_id, interval=config.lifecycle.maintenance_interval_seconds,
+        purge_closed_proposals=functools.partial(ceremonies.purge_closed,
+                                                 config.ceremony_retention_seconds),
     )
     background = [asyncio.create_task(maintenance.run(), name="key-maintenance"),
                   *_replication_tasks(replicator)]
@@ -409,7 +436,7 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
     state.set(view)
     services.view.set(view)
     signing.set(SigningService(hsm=traced_hsm, view=view, region=config.region,
-                               audit=TracedAudit(audit), inflight=inflight,
+                               audit=traced_audit, inflight=inflight,
                                requests=_request_ledger(config, store, signer_id)))
     statements.set(StatementSigning(signing=signing.get(), view=view))
     if attestation is not None and config.attestation is not None:

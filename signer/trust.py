@@ -303,7 +303,8 @@ class TrustClient:
             if version.state not in _VERIFIABLE:
                 raise TrustError("state", f"the signature is by {where}, which is "
                                           f"{version.state} and not trusted for verification")
-            if version.not_after is not None and _parse_time(version.not_after) <= self._clock():
+            if (version.not_after is not None
+                    and parse_bundle_time(version.not_after) <= self._clock()):
                 raise TrustError("expired", f"{where} stopped being valid at "
                                             f"{version.not_after}")
             return VerifiedVersion(version.key, version.number, version.key_id, version.state,
@@ -440,13 +441,14 @@ class TrustClient:
                 raise TrustError("rollback", f"the freshness statement is at etcd revision "
                                              f"{statement.etcd_revision}, older than the "
                                              f"trusted {before.etcd_revision}")
-        drift = abs(_parse_time(statement.time) - self._clock())
+        drift = abs(parse_bundle_time(statement.time) - self._clock())
         if drift > self._skew:
             raise TrustError("expired", f"the freshness statement's time {statement.time} is "
                                         f"{drift:.0f} s from this clock (limit {self._skew:g} s)")
 
 
-def _parse_time(text: str) -> float:
+def parse_bundle_time(text: str) -> float:
+    """Epoch seconds of a bundle or statement time (``%Y-%m-%dT%H:%M:%S.%fZ``)."""
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
         tzinfo=datetime.UTC).timestamp()
 

@@ -1,9 +1,9 @@
 """Verifying what Signet signed: DSSE-enveloped statements and cosign image signatures.
 
-Keys come from a :class:`KeyResolver` (key id → public key, state, name, version). Today there
-are three: a running cluster (:class:`ClusterKeyResolver`), a local JSON file
-(:class:`FileKeyResolver`), and the signer's own key state (:func:`resolver_from_keys`). The
-trust-bundle verifier will be a fourth behind the same protocol.
+Keys come from a :class:`KeyResolver` (key id → public key, state, name, version): the verified
+trust bundle (:class:`BundleKeyResolver`, the default where a TUF root is pinned), a running
+cluster (:class:`ClusterKeyResolver`), a local JSON file (:class:`FileKeyResolver`), and the
+signer's own key state (:func:`resolver_from_keys`).
 
 Signature checks raise ``VerificationError``. Policy evaluation returns every rule it checked
 (:class:`Decision`), so each decision can be printed; ``Decision.require_allowed`` raises.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from signer.payloads import VerificationError
 from signer.payloads.dsse import INTOTO_PAYLOAD_TYPE, Envelope, verify_envelope
 from signer.payloads.intoto import Statement
 from signer.payloads.simplesigning import ImageReference, SimpleSigningPayload
+from signer.trust import BundleVersion, TrustedBundle, TrustError, parse_bundle_time
 
 # RETIRED versions verify (DESIGN.md: "verify only, still in the bundle"); DISABLED is a
 # reversible pause of signing. REVOKED (compromise), DESTROYED and DESTROY_SCHEDULED do not.
@@ -41,11 +42,15 @@ VERIFYING_STATES = frozenset({"ACTIVE", "RETIRED", "DISABLED"})
 
 @dataclass(frozen=True)
 class ResolvedKey:
+    """One key version as a resolver knows it. ``refusal``, when set, says why the resolver's
+    rules refuse this version's signatures whatever its state (the bundle's stricter rules)."""
+
     key_id: str
     key_name: str
     version: int
     state: str
     public_key_pem: str
+    refusal: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"key_id": self.key_id, "key": self.key_name, "version": self.version,
@@ -150,6 +155,92 @@ class ClusterKeyResolver:
         return self._load().all_keys()
 
 
+class TrustedBundleSource(Protocol):
+    """Where a :class:`BundleKeyResolver` gets verified bundles (``signer.trust.TrustClient``)."""
+
+    def refresh(self) -> TrustedBundle:
+        """Fetch, verify and keep a new bundle; raises ``TrustError`` or ``SignetError``."""
+        ...
+
+    def trusted(self) -> TrustedBundle:
+        """The kept bundle, re-verified; raises ``TrustError`` (none, expired, damaged)."""
+        ...
+
+
+# The trust bundle's rules (docs/adr/0007): ACTIVE, and RETIRED until its not_after, verify.
+BUNDLE_VERIFYING_STATES = frozenset({"ACTIVE", "RETIRED"})
+
+
+def _bundle_refusal(version: BundleVersion, now: float) -> str | None:
+    if version.revoked or version.state == "REVOKED":
+        return "is REVOKED in the trust bundle"
+    if version.state not in BUNDLE_VERIFYING_STATES:
+        return (f"is {version.state} in the trust bundle (only ACTIVE and RETIRED versions "
+                "verify)")
+    if version.not_after is not None and parse_bundle_time(version.not_after) <= now:
+        return f"stopped being valid at {version.not_after} (trust bundle not_after)"
+    return None
+
+
+class BundleKeyResolver:
+    """Keys from the verified trust bundle (DESIGN I5): every version of every key, with the
+    bundle's rules applied when a key is resolved — ACTIVE verifies, RETIRED verifies until its
+    ``not_after``, REVOKED, DISABLED, DESTROY_SCHEDULED and DESTROYED do not.
+
+    With ``online`` the bundle is refreshed (fresh nonce, full chain check) on first use and
+    again once it is ``refresh_seconds`` old, so a revocation reaches a long-running verifier
+    (admission) within that time. A refresh that fails is a ``VerificationError``: this
+    resolver fails closed rather than fall back to an older bundle. Without ``online`` the
+    kept state is used until its timestamp expires. Thread-safe.
+    """
+
+    def __init__(self, source: TrustedBundleSource, *, online: bool = True,
+                 refresh_seconds: float = 5.0, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._online = online
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._monotonic = monotonic
+        self._bundle: TrustedBundle | None = None
+        self._loaded_at = 0.0
+        self._lock = threading.Lock()
+
+    def bundle(self) -> TrustedBundle:
+        """The bundle in use, refreshed first when it is older than ``refresh_seconds``.
+        Raises ``VerificationError`` when no bundle can be had."""
+        with self._lock:
+            stale = self._monotonic() - self._loaded_at >= self._refresh_seconds
+            if self._bundle is None or stale:
+                try:
+                    self._bundle = (self._source.refresh() if self._online
+                                    else self._source.trusted())
+                except TrustError as error:
+                    raise VerificationError(
+                        f"the trust bundle was refused: {error.diagnostics()}") from None
+                except SignetError as error:
+                    raise VerificationError(
+                        f"cannot refresh the trust bundle: {error.message} "
+                        f"({error.code.name})") from None
+                self._loaded_at = self._monotonic()
+            return self._bundle
+
+    def _resolved(self, version: BundleVersion) -> ResolvedKey:
+        return ResolvedKey(version.key_id, version.key, version.number, version.state,
+                           version.public_key_pem, _bundle_refusal(version, self._clock()))
+
+    def resolve(self, key_id: str) -> ResolvedKey:
+        bundle = self.bundle()
+        for version in bundle.versions:
+            if version.key_id == key_id:
+                return self._resolved(version)
+        raise VerificationError(f"key id {key_id or '(none)'} is not in the trust bundle "
+                                f"(key state at etcd revision {bundle.etcd_revision})")
+
+    def all_keys(self) -> Sequence[ResolvedKey]:
+        return [self._resolved(v) for v in self.bundle().versions]
+
+
 def resolver_from_keys(keys: Iterable[VersionedKey]) -> StaticKeyResolver:
     """Every version of the given key records (the signer's own watched state)."""
     return StaticKeyResolver(
@@ -164,6 +255,8 @@ def verify_message(key: ResolvedKey, message: bytes, signature: bytes) -> Resolv
     Returns the key; raises ``VerificationError`` for a key state that does not verify
     (REVOKED, DESTROYED, …), an unsupported key type or a bad signature."""
     where = f"key {key.key_name} version {key.version}"
+    if key.refusal is not None:
+        raise VerificationError(f"{where} {key.refusal}; its signatures are not accepted")
     if key.state not in VERIFYING_STATES:
         raise VerificationError(f"{where} is {key.state}; its signatures are not accepted")
     public = serialization.load_pem_public_key(key.public_key_pem.encode())

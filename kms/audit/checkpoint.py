@@ -61,9 +61,13 @@ def check_time(text: object) -> str:
 def canonical_json(document: Mapping[str, Any]) -> bytes:
     """The one byte form of a JSON object used on disk: sorted keys, no spaces, UTF-8, no
     NaN or infinities. Raises ``TypeError``/``ValueError`` for values JSON cannot hold."""
-    return json.dumps(
-        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _CANONICAL.encode(document).encode("utf-8")
+
+
+# One encoder for every line: json.dumps would build a new one per call (audit hot path).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def checkpoint_message(log_id: str, tree_size: int, root_hash: bytes, time: str) -> bytes:

@@ -24,7 +24,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +58,12 @@ class _StoreProblem(Exception):
 
 @dataclass
 class _Pending:
-    entry: dict[str, Any]
-    future: asyncio.Future[int]
+    """One queue operation: a single entry (``future`` gets its index) or, from
+    ``append_many``, several that are written together (``future`` gets their indices)."""
+
+    entries: list[dict[str, Any]]
+    future: asyncio.Future[Any]
+    many: bool = False
 
 
 @dataclass
@@ -194,6 +198,17 @@ def _check_against(tree: CompactRange, checkpoint: Checkpoint, path: Path) -> No
         )
 
 
+def _checked(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``entry`` to queue; raises ``InvalidArgument`` when it cannot be one."""
+    kind = entry.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidArgument("an audit entry needs a non-empty string 'kind'")
+    if "index" in entry or "time" in entry:
+        reserved = sorted(RESERVED_FIELDS & set(entry))
+        raise InvalidArgument(f"audit entry fields {reserved} are set by the log")
+    return dict(entry)
+
+
 def _entry_problem(line: bytes, expected_index: int) -> str | None:
     """What is wrong with one stored entry line, or None."""
     try:
@@ -251,7 +266,11 @@ class AuditLog:
         self._last_checkpoint_at = clock.monotonic()
         self._checkpoint_retry_at = 0.0
         self._checkpoint_lock = asyncio.Lock()
-        self._checkpointing: asyncio.Task[Checkpoint | None] | None = None
+        # Anchoring is an etcd write that may stall for seconds when etcd is unreachable; it
+        # runs in its own task so it never holds up appends. Only the newest checkpoint
+        # waiting to be anchored matters (the anchor is overwritten each time).
+        self._to_anchor: Checkpoint | None = None
+        self._anchoring: asyncio.Task[None] | None = None
         self._committer = asyncio.get_running_loop().create_task(
             self._run(), name=f"audit-committer {log_id}"
         )
@@ -340,20 +359,35 @@ class AuditLog:
         and ``time`` are set by the log. Never put secrets in it. Raises ``InvalidArgument``
         for a malformed entry and ``AuditUnavailable`` when it could not be made durable —
         then the caller must not return whatever the entry records."""
-        if self._closing or self._committer.done():
-            raise AuditUnavailable(f"audit log {self._log_id} is closed; nothing was recorded")
-        kind = entry.get("kind")
-        if not isinstance(kind, str) or not kind:
-            raise InvalidArgument("an audit entry needs a non-empty string 'kind'")
-        reserved = RESERVED_FIELDS & set(entry)
-        if reserved:
-            raise InvalidArgument(f"audit entry fields {sorted(reserved)} are set by the log")
-        record = dict(entry)
+        self._require_open()
+        record = _checked(entry)
         record["time"] = format_time(self._clock.now())
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(record, future))
+        self._pending.append(_Pending([record], future))
         self._wakeup.set()
         return await future
+
+    async def append_many(self, entries: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Record every entry of ``entries`` and return their indices, in order, once all are
+        durable: one queue operation and one wake-up for the lot, written in one batch with
+        consecutive indices. All or nothing: raises ``InvalidArgument`` (nothing queued) for a
+        malformed entry and ``AuditUnavailable`` when they could not be made durable — then
+        the caller must return none of what they record. An empty sequence returns ``[]``."""
+        self._require_open()
+        if not entries:
+            return []
+        now = format_time(self._clock.now())
+        records = [_checked(entry) for entry in entries]
+        for record in records:
+            record["time"] = now
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(records, future, many=True))
+        self._wakeup.set()
+        return await future
+
+    def _require_open(self) -> None:
+        if self._closing or self._committer.done():
+            raise AuditUnavailable(f"audit log {self._log_id} is closed; nothing was recorded")
 
     async def record_signature(
         self,
@@ -384,6 +418,30 @@ class AuditLog:
             }
         )
 
+    async def record_signatures(
+        self,
+        *,
+        identity: str,
+        key: str,
+        version: int,
+        key_id: str,
+        revision: int,
+        region: str,
+        digests: Sequence[str],
+        request_ids: Sequence[str],
+    ) -> list[int]:
+        """Append one ``sign`` entry per digest (with the request id at the same position),
+        all by one caller with one key version, through ``append_many``: durable together or
+        not at all. Returns their indices in order; raises like ``append_many``."""
+        if len(digests) != len(request_ids):
+            raise InvalidArgument("record_signatures needs one request id per digest")
+        return await self.append_many([
+            {"kind": "sign", "identity": identity, "key": key, "version": version,
+             "key_id": key_id, "digest": digest, "request_id": request_id,
+             "revision": revision, "region": region}
+            for digest, request_id in zip(digests, request_ids, strict=True)
+        ])
+
     async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int:
         """Append an ``admin``, ``ceremony``, ``security``… entry with ``fields``."""
         return await self.append({**fields, "kind": kind})
@@ -404,11 +462,12 @@ class AuditLog:
         self._closing = True
         self._wakeup.set()
         await asyncio.wait([self._committer])  # its own failures were reported to callers
-        if self._checkpointing is not None:
-            await asyncio.wait([self._checkpointing])
         try:
             if self._last_checkpoint is None or self._last_checkpoint.tree_size != self._size:
                 await self._make_checkpoint()
+            if self._anchoring is not None:
+                # Bounded: a stopping signer must not hang on an unreachable etcd.
+                await asyncio.wait([self._anchoring], timeout=5.0)
         finally:
             self._closed = True
             os.close(self._fd)
@@ -428,13 +487,8 @@ class AuditLog:
                     self._wakeup.set()
                 if batch:
                     await self._commit(batch)
-                if self._checkpoint_due() and (
-                    self._checkpointing is None or self._checkpointing.done()
-                ):
-                    # In its own task: signing and anchoring a checkpoint (an etcd write that
-                    # may stall for seconds) must never hold up appends.
-                    self._checkpointing = asyncio.get_running_loop().create_task(
-                        self._make_checkpoint(), name=f"audit-checkpoint-{self._log_id}")
+                if self._checkpoint_due():
+                    await self._make_checkpoint()
                 if self._closing and not self._pending:
                     return
         except BaseException as error:
@@ -469,23 +523,25 @@ class AuditLog:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         lines: list[bytes] = []
-        waiters: list[tuple[asyncio.Future[int], int]] = []
+        waiters: list[tuple[_Pending, int]] = []
         index = self._size
         for pending in batch:
             if pending.future.done():  # the caller gave up (cancelled) before we wrote
                 continue
-            record = pending.entry
-            record["index"] = index
             try:
-                line = canonical_json(record)
+                encoded = []
+                for at, record in enumerate(pending.entries, start=index):
+                    record["index"] = at
+                    encoded.append(canonical_json(record))
             except (TypeError, ValueError) as error:
+                # All or nothing per queue operation: none of an append_many's lines is kept.
                 pending.future.set_exception(
                     InvalidArgument(f"audit entry is not JSON-serialisable: {error}")
                 )
                 continue
-            lines.append(line)
-            waiters.append((pending.future, index))
-            index += 1
+            lines += encoded
+            waiters.append((pending, index))
+            index += len(encoded)
         if not lines:
             return
         data = b"\n".join(lines) + b"\n"
@@ -499,9 +555,9 @@ class AuditLog:
                 "audit log %s: %s; failing %d appends closed", self._log_id, self._failure,
                 len(waiters),
             )
-            for future, _ in waiters:
-                if not future.done():
-                    future.set_exception(AuditUnavailable(
+            for pending, _ in waiters:
+                if not pending.future.done():
+                    pending.future.set_exception(AuditUnavailable(
                         f"the audit record could not be made durable ({self._failure}); "
                         "nothing was returned"
                     ))
@@ -512,9 +568,10 @@ class AuditLog:
         self._offset += len(data)
         self._size = index
         self._tree.extend(leaf_hash(line) for line in lines)
-        for future, assigned in waiters:
-            if not future.done():
-                future.set_result(assigned)
+        for pending, first in waiters:
+            if not pending.future.done():
+                pending.future.set_result(
+                    list(range(first, first + len(pending.entries))) if pending.many else first)
 
     def _write_durably(self, data: bytes) -> None:
         """Append ``data`` and fsync, or leave the file at its durable length and raise.
@@ -586,12 +643,22 @@ class AuditLog:
             return None
         self._last_checkpoint = checkpoint
         if self._anchor is not None:
+            self._to_anchor = checkpoint
+            if self._anchoring is None or self._anchoring.done():
+                self._anchoring = asyncio.get_running_loop().create_task(
+                    self._anchor_latest(), name=f"audit-anchor-{self._log_id}")
+        return checkpoint
+
+    async def _anchor_latest(self) -> None:
+        """Anchor the newest stored checkpoint until none is waiting. Failures are logged:
+        the checkpoint is durable in the log folder either way."""
+        while self._to_anchor is not None and self._anchor is not None:
+            checkpoint, self._to_anchor = self._to_anchor, None
             try:
                 await self._anchor(checkpoint)
             except Exception as error:
                 logger.warning("audit log %s: anchoring checkpoint at size %d failed: %s",
-                               self._log_id, size, _describe(error))
-        return checkpoint
+                               self._log_id, checkpoint.tree_size, _describe(error))
 
     def _store_checkpoint(self, line: bytes) -> None:
         path = self._directory / CHECKPOINTS_FILE

@@ -40,6 +40,7 @@ PROPOSAL_FORMAT = "signet-ceremony-proposal/v1"
 APPROVAL_FORMAT = "signet-ceremony-approval/v1"
 APPROVAL_PAYLOAD_TYPE = "application/vnd.signet.ceremony-approval+json"
 DEFAULT_LIFETIME_SECONDS = 7 * 86_400
+MIN_LIFETIME_SECONDS = 60  # lower only by explicit configuration (tests)
 MAX_LIFETIME_SECONDS = 30 * 86_400
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -334,11 +335,12 @@ class ProposalBody:
 
     @classmethod
     def new(cls, *, action: Action, parameters: Mapping[str, Any], proposer: str, now: float,
-            nonce: str, lifetime_seconds: float = DEFAULT_LIFETIME_SECONDS) -> ProposalBody:
+            nonce: str, lifetime_seconds: float = DEFAULT_LIFETIME_SECONDS,
+            min_lifetime_seconds: float = MIN_LIFETIME_SECONDS) -> ProposalBody:
         """A validated body; raises ``InvalidArgument`` for bad parameters or lifetime."""
-        if not 60 <= lifetime_seconds <= MAX_LIFETIME_SECONDS:
-            raise InvalidArgument(f"a proposal lives 60 s to {MAX_LIFETIME_SECONDS} s, got "
-                                  f"{lifetime_seconds:g}")
+        if not min_lifetime_seconds <= lifetime_seconds <= MAX_LIFETIME_SECONDS:
+            raise InvalidArgument(f"a proposal lives {min_lifetime_seconds:g} s to "
+                                  f"{MAX_LIFETIME_SECONDS} s, got {lifetime_seconds:g}")
         created = int(now)
         return cls(action, normalize_parameters(action, parameters), proposer, created,
                    created + int(lifetime_seconds), nonce)
@@ -547,6 +549,16 @@ class Proposal:
         if self.status is Status.OPEN and now >= self.body.expires_at:
             return Status.EXPIRED
         return self.status
+
+    def closed_since(self, now: float) -> float | None:
+        """When the proposal stopped taking approvals (closed, or expired), or None while it
+        is open."""
+        status = self.status_at(now)
+        if status is Status.OPEN:
+            return None
+        if status is Status.EXPIRED:
+            return float(self.body.expires_at)
+        return self.closed_at if self.closed_at is not None else float(self.body.created_at)
 
     def required(self, custodians: CustodianSet) -> int:
         """How many distinct custodians must approve: the emergency threshold for emergency

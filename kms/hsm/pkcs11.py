@@ -23,8 +23,10 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +43,7 @@ from pkcs11 import exceptions as p11_errors
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from kms.domain.keys import Algorithm
-from kms.errors import HsmError, InvalidArgument, NotFound
+from kms.errors import FailedPrecondition, HsmError, InvalidArgument, NotFound
 from kms.ports import GeneratedKeyPair
 
 _log = logging.getLogger(__name__)
@@ -227,6 +229,8 @@ class _OpenToken:
     pin_digest: bytes | None  # None when someone else in the process had logged in already
     users: int = 0
     private_keys: dict[bytes, tuple[Any, KeyType]] = field(default_factory=dict)
+    # Kept (in memory only, never logged) to log in again after a re-index; see ``reindex``.
+    pin: str | None = field(default=None, repr=False)
 
 
 class _Runtime:
@@ -238,6 +242,11 @@ class _Runtime:
         self.users = 0  # adapters opened or opening; guarded by _RUNTIMES_LOCK
         self.lib: Any = None
         self.tokens: dict[str, _OpenToken] = {}  # touched only on the worker thread
+        # SoftHSM's file store can miss token objects another process created while this one
+        # was writing (it records the shared generation counter as seen after its own write),
+        # until some later write elsewhere. Re-initialising the module re-reads the token.
+        self.reindex_on_missing = "softhsm" in os.path.basename(module_path).lower()
+        self.last_reindex = -math.inf
         # The previous runtime of this module may still be finalising on its own thread.
         self.predecessor = _LAST_FINALIZE.get(module_path)
 
@@ -320,7 +329,25 @@ class _Runtime:
         except p11_errors.UserAlreadyLoggedIn:
             # Login is token-wide per process: code outside this runtime logged in already.
             return _OpenToken(label, token.open(rw=True), pin_digest=None)
-        return _OpenToken(label, session, pin_digest=pin_digest)
+        return _OpenToken(label, session, pin_digest=pin_digest, pin=pin)
+
+    def reindex_due(self) -> bool:
+        return self.reindex_on_missing and time.monotonic() - self.last_reindex > 1.0
+
+    def reindex(self) -> None:
+        """Re-initialise the module so it re-reads every token, then reopen each session
+        (logging in again with the PIN it was opened with). At most once a second."""
+        self.last_reindex = time.monotonic()
+        _log.info("re-reading HSM token objects (an expected key was not found)")
+        for opened in self.tokens.values():
+            opened.private_keys.clear()
+            with contextlib.suppress(p11_errors.PKCS11Error):
+                opened.session.close()
+        self.lib.reinitialize()
+        for opened in self.tokens.values():
+            token = self.lib.get_token(token_label=opened.label)
+            opened.session = (token.open(rw=True, user_pin=opened.pin) if opened.pin is not None
+                              else token.open(rw=True))
 
     def detach(self, opened: _OpenToken) -> None:
         opened.users -= 1
@@ -441,6 +468,8 @@ class Pkcs11Hsm:
         self._sign_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SignQueue] = (
             weakref.WeakKeyDictionary())
         self._queues_lock = threading.Lock()
+        # Keys refused by the signing-key attribute policy, by CKA_ID (see _private_key).
+        self._refused: dict[bytes, FailedPrecondition] = {}
 
     # ---- opening and closing
 
@@ -590,7 +619,7 @@ class Pkcs11Hsm:
         """One signature of a coalesced group; a failure is returned, translated, for its
         caller alone."""
         try:
-            return self._sign_one(hsm_id, algorithm, digest)
+            return self._reindexed(lambda: self._sign_one(hsm_id, algorithm, digest))
         except p11_errors.PKCS11Error as exc:
             return self._translate(exc)
         except Exception as exc:  # handed to the one caller it belongs to
@@ -637,7 +666,7 @@ class Pkcs11Hsm:
 
         def guarded() -> T:
             try:
-                return fn()
+                return self._reindexed(fn)
             except p11_errors.PKCS11Error as exc:
                 raise self._translate(exc) from None
 
@@ -646,6 +675,17 @@ class Pkcs11Hsm:
         except RuntimeError:  # executor shut down underneath us
             raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed") from None
         return await asyncio.wrap_future(future)
+
+    def _reindexed(self, fn: Callable[[], T]) -> T:
+        """``fn()``; if it finds no key and the module may have missed one another process
+        created, re-read the token once and try again (on the worker thread)."""
+        try:
+            return fn()
+        except _KEY_MISSING:
+            if not self._runtime.reindex_due():
+                raise
+            self._runtime.reindex()
+            return fn()
 
     def _translate(self, exc: p11_errors.PKCS11Error) -> Exception:
         label = self._opened.label
@@ -712,7 +752,18 @@ class Pkcs11Hsm:
     def _private_key(self, hsm_id: bytes, algorithm: Algorithm) -> Any:
         cached = self._opened.private_keys.get(hsm_id)
         if cached is None:
+            refused = self._refused.get(hsm_id)
+            if refused is not None:
+                raise refused
             private = self._opened.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=hsm_id)
+            # Checked once per handle: a key whose attributes break the policy never signs.
+            broken = signing_key_violations(_read_attributes(private))
+            if broken:
+                refused = self._refused[hsm_id] = FailedPrecondition(
+                    f"HSM key {hsm_id.hex()} in token {self._opened.label!r} breaks the "
+                    f"signing-key attribute policy ({'; '.join(broken)}); Signet refuses to "
+                    "sign with it (docs/adr/0012)")
+                raise refused
             cached = (private, private.key_type)
             self._opened.private_keys[hsm_id] = cached
         private, key_type = cached
@@ -762,20 +813,39 @@ class Pkcs11Hsm:
 
     def _key_attributes(self, hsm_id: bytes) -> dict[str, bool]:
         private = self._opened.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=hsm_id)
-        names = {
-            Attribute.SENSITIVE: "sensitive",
-            Attribute.EXTRACTABLE: "extractable",
-            Attribute.SIGN: "sign",
-            Attribute.DECRYPT: "decrypt",
-            Attribute.UNWRAP: "unwrap",
-            Attribute.LOCAL: "local",
-            Attribute.ALWAYS_SENSITIVE: "always_sensitive",
-            Attribute.NEVER_EXTRACTABLE: "never_extractable",
-            Attribute.TOKEN: "token",
-            Attribute.PRIVATE: "private",
-        }
-        values = private.get_attributes(list(names))
-        return {name: bool(values[attribute]) for attribute, name in names.items()}
+        return _read_attributes(private)
+
+
+_ATTRIBUTE_NAMES = {
+    Attribute.SENSITIVE: "sensitive",
+    Attribute.EXTRACTABLE: "extractable",
+    Attribute.SIGN: "sign",
+    Attribute.DECRYPT: "decrypt",
+    Attribute.UNWRAP: "unwrap",
+    Attribute.LOCAL: "local",
+    Attribute.ALWAYS_SENSITIVE: "always_sensitive",
+    Attribute.NEVER_EXTRACTABLE: "never_extractable",
+    Attribute.TOKEN: "token",
+    Attribute.PRIVATE: "private",
+}
+
+
+def _read_attributes(private: Any) -> dict[str, bool]:
+    values = private.get_attributes(list(_ATTRIBUTE_NAMES))
+    return {name: bool(values[attribute]) for attribute, name in _ATTRIBUTE_NAMES.items()}
+
+
+def signing_key_violations(attributes: dict[str, bool]) -> list[str]:
+    """What makes a private key unfit to sign for Signet (docs/adr/0012), one phrase per
+    broken attribute; empty when it is fit. A signing key is a private token object, sensitive
+    (CKA_VALUE is never readable), allowed to sign and to do nothing else with its secret.
+    Extractable keys are allowed only because multi-region originals must be wrapped for
+    transport, and then they must be sensitive too, so only wrapping can move them."""
+    expected = {"sensitive": True, "sign": True, "private": True, "token": True,
+                "decrypt": False, "unwrap": False}
+    return [f"CKA_{name.upper()} is {str(attributes.get(name)).upper()}, must be "
+            f"{str(want).upper()}" for name, want in expected.items()
+            if attributes.get(name) is not want]
 
 
 async def _await_release(runtime: _Runtime) -> None:

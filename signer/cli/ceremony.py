@@ -26,6 +26,7 @@ from signer.cli.common import (
     fail,
     handle_errors,
 )
+from signer.custodian_keys import is_pkcs11_uri, pkcs11_public_key
 
 
 @click.group()
@@ -59,7 +60,8 @@ def _describe(p: ProposalInfo, *, full: bool = False) -> str:
         lines += ["canonical body (its SHA-256 is the proposal id; approvals sign that):",
                   p.body_json]
         if p.status == "open":
-            lines.append(f"approve:   signet ceremony approve {p.id} --key CUSTODIAN_KEY.pem")
+            lines.append(f"approve:   signet ceremony approve {p.id} --key CUSTODIAN_KEY.pem"
+                         " (or --key 'pkcs11:…')")
     return "\n".join(lines)
 
 
@@ -74,8 +76,9 @@ def _resolve(client: CeremonyClient, given: str) -> str:
     return matches[0]
 
 
-LIFETIME = click.option("--lifetime", type=click.FloatRange(min=60), default=None,
-                        help="Seconds until the proposal expires (default 7 days).")
+LIFETIME = click.option("--lifetime", type=click.FloatRange(min=1), default=None,
+                        help="Seconds until the proposal expires (default 7 days; signers "
+                             "refuse less than 60 s unless configured otherwise).")
 
 
 def _proposer(action: Action) -> Callable[[Callable[..., dict[str, Any]]], Any]:
@@ -260,16 +263,23 @@ def list_proposals(ctx: Context, include_closed: bool) -> None:
 
 @ceremony.command("approve")
 @click.argument("proposal_id", metavar="ID")
-@click.option("--key", "key_path", required=True,
-              type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Your custodian private key (PEM). It is read here and never sent.")
+@click.option("--key", "key_ref", required=True, metavar="PEM_FILE|PKCS11_URI",
+              help="Your custodian private key: a PEM file, or an RFC 7512 URI "
+                   "'pkcs11:token=T;object=O?module-path=M&pin-source=file:PIN_FILE' for a key "
+                   "in your own token (ECDSA P-256). It is used here and never sent.")
 @cluster_options
 @handle_errors
-def approve(ctx: Context, proposal_id: str, key_path: Path) -> None:
+def approve(ctx: Context, proposal_id: str, key_ref: str) -> None:
     """Sign a proposal locally with your custodian key and send the approval."""
+    key: Path | str = key_ref
+    if not is_pkcs11_uri(key_ref):
+        key = Path(key_ref)
+        if not key.is_file():
+            fail(f"custodian key file {key_ref} does not exist (or give a pkcs11: URI)",
+                 EXIT_INVALID)
     with ctx.client("admin") as client:
         ceremonies = CeremonyClient(client)
-        result = ceremonies.approve(_resolve(ceremonies, proposal_id), key_path)
+        result = ceremonies.approve(_resolve(ceremonies, proposal_id), key)
     p = result.proposal
     if result.executed:
         human = f"approved; threshold reached — EXECUTED at revision {p.revision}: {p.summary}"
@@ -295,6 +305,22 @@ def cancel(ctx: Context, proposal_id: str) -> None:
         ceremonies = CeremonyClient(client)
         proposal = ceremonies.cancel(_resolve(ceremonies, proposal_id))
     ctx.emit(proposal.to_dict(), f"cancelled proposal {proposal.id}: {proposal.summary}")
+
+
+@ceremony.command("custodian-key")
+@click.option("--pkcs11", "uri", required=True, metavar="PKCS11_URI",
+              help="The key in your token: 'pkcs11:token=T;object=O?module-path=M&"
+                   "pin-source=file:PIN_FILE'.")
+@click.option("--out", "out", required=True,
+              type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the public key (PEM) for 'signet init --custodian' or "
+                   "'signet ceremony propose custodians'.")
+@handle_errors
+def custodian_key(uri: str, out: Path) -> None:
+    """Export the public key of a custodian key held in a PKCS#11 token (ECDSA P-256)."""
+    pem, key = pkcs11_public_key(uri)
+    out.write_text(pem)
+    click.echo(f"wrote {out}: custodian key id {key.keyid}")
 
 
 @ceremony.command("custodians")

@@ -4,6 +4,7 @@ the admission webhook."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import platform
 import signal
@@ -13,10 +14,12 @@ import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import yaml
@@ -37,6 +40,7 @@ from signer.registry import CosignRegistry
 from signer.signature_store import SignatureStore, StoredSignature
 from signer.supplychain_client import SupplyChainClient
 from signer.verification import (
+    BundleKeyResolver,
     ClusterKeyResolver,
     Decision,
     FileKeyResolver,
@@ -46,6 +50,7 @@ from signer.verification import (
 )
 
 BUILD_TYPE = "https://signet.dev/provenance/pipeline/v1"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _now_rfc3339() -> str:
@@ -293,7 +298,16 @@ def _load_policy(path: Path) -> VerificationPolicy:
         raise InvalidArgument(f"{path} is not valid YAML or JSON: {error}") from None
 
 
-def _resolver(ctx: Context, keys_from: str, policy: VerificationPolicy) -> KeyResolver:
+def _resolver(ctx: Context, keys: KeySource, policy: VerificationPolicy) -> KeyResolver:
+    keys_from = keys.keys_from
+    if keys_from is None:
+        pinned = keys.trust_root is not None or "tuf_root" in ctx.cluster().extra
+        keys_from = "bundle" if pinned else "cluster"
+    if keys_from == "bundle":
+        from signer.cli.trust import trust_client
+
+        client, _ = trust_client(ctx, keys.trust_root, keys.trust_state, online=True)
+        return BundleKeyResolver(client, refresh_seconds=keys.refresh_seconds)
     if keys_from == "cluster":
         return ClusterKeyResolver(ctx.client("pipeline"), policy.trusted_keys)
     return FileKeyResolver(Path(keys_from))
@@ -306,8 +320,42 @@ def _report(ctx: Context, decisions: list[Decision]) -> None:
         raise SystemExit(EXIT_FAILURE)
 
 
-_KEYS_FROM_HELP = ("'cluster' (ask the signer; trusted_keys must be exact names) or a JSON "
-                   "file of keys, e.g. the output of 'signet key show NAME -o json'.")
+_KEYS_FROM_HELP = ("'bundle' (the verified trust bundle; the default when cluster.json names a "
+                   "tuf_root or --trust-root is given), 'cluster' (ask the signer; trusted_keys "
+                   "must be exact names) or a JSON file of keys, e.g. the output of "
+                   "'signet key show NAME -o json'.")
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where verification keys come from (``--keys-from`` and the trust-bundle options)."""
+
+    keys_from: str | None
+    trust_root: Path | None
+    trust_state: Path | None
+    refresh_seconds: float = 5.0
+
+
+def key_source_options(command: F) -> F:
+    """Add --keys-from, --trust-root, --trust-state and --bundle-refresh; pass ``keys``."""
+
+    @click.option("--keys-from", default=None, help=_KEYS_FROM_HELP)
+    @click.option("--trust-root", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                  help="Pinned 1.root.json for --keys-from bundle (default: tuf_root in "
+                       "cluster.json).")
+    @click.option("--trust-state", type=click.Path(path_type=Path, file_okay=False),
+                  default=None, help="Where the trusted bundle is kept (default: "
+                                     "trust/<region> next to cluster.json).")
+    @click.option("--bundle-refresh", type=click.FloatRange(min=0), default=5.0,
+                  show_default=True, help="Refetch the trust bundle once it is this many "
+                                          "seconds old (revocations show up within it).")
+    @functools.wraps(command)
+    def wrapper(keys_from: str | None, trust_root: Path | None, trust_state: Path | None,
+                bundle_refresh: float, **kwargs: Any) -> Any:
+        return command(keys=KeySource(keys_from, trust_root, trust_state, bundle_refresh),
+                       **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @click.command("verify-attestation")
@@ -315,16 +363,16 @@ _KEYS_FROM_HELP = ("'cluster' (ask the signer; trusted_keys must be exact names)
 @click.option("--policy", "policy_path", required=True,
               type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--image", default=None, help="REF@sha256:HEX that must be a subject.")
-@click.option("--keys-from", default="cluster", show_default=True, help=_KEYS_FROM_HELP)
+@key_source_options
 @cluster_options
 @handle_errors
 def verify_attestation_command(*, ctx: Context, envelope: Path, policy_path: Path,
-                               image: str | None, keys_from: str) -> None:
+                               image: str | None, keys: KeySource) -> None:
     """Verify a DSSE provenance envelope against a verification policy. Prints every rule
     checked; exits 1 when any fails."""
     policy = _load_policy(policy_path)
     reference = ImageReference.parse(image, require_digest=True) if image else None
-    decision = verify_attestation(envelope.read_bytes(), _resolver(ctx, keys_from, policy),
+    decision = verify_attestation(envelope.read_bytes(), _resolver(ctx, keys, policy),
                                   policy, now=time.time(), image=reference)
     _report(ctx, [decision])
 
@@ -351,12 +399,12 @@ def _read_signature(path: Path) -> bytes:
                    "of the image's registry.")
 @click.option("--policy", "policy_path", required=True,
               type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--keys-from", default="cluster", show_default=True, help=_KEYS_FROM_HELP)
+@key_source_options
 @cluster_options
 @handle_errors
 def verify_image(*, ctx: Context, image: str, signature_path: Path | None,
                  payload_path: Path | None, store: Path | None, policy_path: Path,
-                 keys_from: str) -> None:
+                 keys: KeySource) -> None:
     """Verify an image's signature and provenance against a policy: found in the image's
     registry at cosign's .sig/.att tags (default), in a signature store (--store), or only the
     signature given as files (--signature and --payload). Prints every rule checked; exits 1
@@ -366,7 +414,7 @@ def verify_image(*, ctx: Context, image: str, signature_path: Path | None,
     if signature_path is not None and store is not None:
         fail("give --signature/--payload or --store, not both", EXIT_INVALID)
     policy = _load_policy(policy_path)
-    resolver = _resolver(ctx, keys_from, policy)
+    resolver = _resolver(ctx, keys, policy)
     reference = ImageReference.parse(image)
     if signature_path is None or payload_path is None:
         from signer.admission import AdmissionController
@@ -394,14 +442,14 @@ def admission() -> None:
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Signature store with the images' signatures and attestations "
                    "(default: each image's registry, at cosign's .sig/.att tags).")
-@click.option("--keys-from", default="cluster", show_default=True, help=_KEYS_FROM_HELP)
+@key_source_options
 @click.option("--decision-log", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Append every decision as a JSON line (the signer dashboard's "
                    "dashboard.admission_log).")
 @cluster_options
 @handle_errors
 def admission_serve(*, ctx: Context, listen: str, tls_cert: Path, tls_key: Path,
-                    policy_path: Path, store: Path | None, keys_from: str,
+                    policy_path: Path, store: Path | None, keys: KeySource,
                     decision_log: Path | None) -> None:
     """Serve POST /validate (AdmissionReview v1 for Pods) over HTTPS until SIGTERM/SIGINT."""
     import logging
@@ -415,7 +463,7 @@ def admission_serve(*, ctx: Context, listen: str, tls_cert: Path, tls_key: Path,
     policy = _load_policy(policy_path)
     source = SignatureStore(store) if store is not None else CosignRegistry()
     controller = AdmissionController(
-        source, _resolver(ctx, keys_from, policy), policy, time.time,
+        source, _resolver(ctx, keys, policy), policy, time.time,
         None if decision_log is None else DecisionLog(decision_log))
     server = AdmissionServer((host.strip("[]"), int(port)), controller, tls_cert, tls_key)
     stopping = threading.Event()

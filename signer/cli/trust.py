@@ -44,8 +44,11 @@ def _root_path(cluster: ClusterFile, root: Path | None) -> Path:
     return path if path.is_absolute() else cluster.path.parent / path
 
 
-def _trust_client(ctx: Context, root: Path | None, state_dir: Path | None,
-                  *, online: bool) -> tuple[TrustClient, GrpcTrustTransport | None]:
+def trust_client(ctx: Context, root: Path | None, state_dir: Path | None,
+                 *, online: bool) -> tuple[TrustClient, GrpcTrustTransport | None]:
+    """A ``TrustClient`` for the context's region: the pinned root (``root``, else cluster.json's
+    ``tuf_root``), state in ``state_dir`` (else ``trust/<region>`` next to cluster.json), and a
+    gRPC transport unless ``online`` is false (close it when done)."""
     cluster = ctx.cluster()
     region = ctx.region or cluster.home_region
     state = state_dir or cluster.path.parent / "trust" / region
@@ -94,7 +97,7 @@ def bundle_fetch(ctx: Context, root: Path | None, state_dir: Path | None) -> Non
 
     Exit 9 when the answer is refused; the previously trusted state is then unchanged.
     """
-    client, transport = _trust_client(ctx, root, state_dir, online=True)
+    client, transport = trust_client(ctx, root, state_dir, online=True)
     try:
         trusted = client.refresh()
     except TrustError as error:
@@ -130,7 +133,7 @@ def verify(*, ctx: Context, digest_text: str, signature_file: Path, key_name: st
             signature = decoded
     except ValueError:
         pass  # not base64: raw bytes
-    client, transport = _trust_client(ctx, root, state_dir, online=not offline)
+    client, transport = trust_client(ctx, root, state_dir, online=not offline)
     try:
         if not offline:
             client.refresh()

@@ -1,12 +1,15 @@
-"""``make demo``: the first user journey, end to end, on a real local cluster.
+"""``make demo``: the first user journey, end to end, on a real local three-region cluster.
 
-Start a dev cluster, create an HSM key by custodian ceremony (propose, show, two approvals
-with the dev custodians' key files), sign an image digest as the pipeline identity, verify
-the signature with ``openssl pkeyutl`` against the public key Signet publishes and with
-``signet verify`` against the TUF-verified trust bundle; then the pipeline journey
-(:func:`pipeline_journey`): push a small image to a local OCI registry, create its SLSA
-provenance, sign image and provenance into the registry at cosign's tags, verify both against
-a verification policy, and decide admission for two pods; stop the cluster.
+Start a development cluster with three regions (``signet dev up --regions 3``: an etcd member,
+a SoftHSM token and a signer per region), create a multi-region HSM key by custodian ceremony
+(propose, show, two approvals with the dev custodians' key files; the key is generated in the
+home region's HSM and replicated HSM to HSM), sign an image digest as the pipeline identity in
+two other regions and verify both signatures with ``openssl pkeyutl`` against the one public
+key Signet publishes, and with ``signet verify`` against the TUF-verified trust bundle; then
+the pipeline journey (:func:`pipeline_journey`): push a small image to a local OCI registry,
+create its SLSA provenance, sign image and provenance into the registry at cosign's tags,
+verify both against a verification policy, and decide admission for two pods; end with a short
+failover drill (one region killed under load; RPO 0, RTO measured) and stop the cluster.
 Every step runs the real ``signet`` CLI and prints the command first.
 """
 
@@ -23,6 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# The home region signs the ceremony's key into being; the demo signs in the other two and
+# kills the last one in the drill (signer/dev/cluster.py names the regions).
+SIGN_REGIONS = ("us-east", "ap-south")
+DRILL_REGION = "ap-south"
+
 
 def run(args: list[str], env: dict[str, str], *, capture: bool = True) -> str:
     shown = " ".join(shlex.quote(a) for a in args)
@@ -36,6 +44,22 @@ def run(args: list[str], env: dict[str, str], *, capture: bool = True) -> str:
     return result.stdout if capture else ""
 
 
+def sign_in_region(signet: list[str], env: dict[str, str], key: str, digest: str,
+                   region: str) -> dict[str, str]:
+    """Sign with ``--region``; the key reaches the other regions' HSMs a fraction of a second
+    after the ceremony, and meanwhile the client fails over to a region that holds it, so
+    sign again (a new request) until the answer comes from ``region`` (at most ~10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        signed: dict[str, str] = json.loads(run(
+            [*signet, "sign", "--key", key, "--digest", f"sha256:{digest}", "--region", region,
+             "-o", "json"], env))
+        if signed["region"] == region or time.monotonic() > deadline:
+            return signed
+        print(f"(answered by {signed['region']}: not replicated to {region} yet; again)")
+        time.sleep(0.5)
+
+
 def main() -> int:
     state_dir = Path(
         os.environ.get("SIGNET_DEMO_STATE_DIR") or tempfile.mkdtemp(prefix="signet-demo-")
@@ -45,41 +69,51 @@ def main() -> int:
     key = f"demo-{int(time.time())}"
     print(f"Signet demo — state in {state_dir}")
     try:
-        run([*signet, "dev", "up", "--state-dir", str(state_dir)], env, capture=False)
+        run([*signet, "dev", "up", "--regions", "3", "--state-dir", str(state_dir)], env,
+            capture=False)
         # Keys are created by a custodian ceremony: the administrator proposes, two of the
         # three custodians (key files in <state>/custodians/) check and approve it.
         proposal = json.loads(run([*signet, "ceremony", "propose", "create-key", key,
-                                   "--algorithm", "ecdsa-p256", "-o", "json"], env))
+                                   "--algorithm", "ecdsa-p256", "--replication", "multi-region",
+                                   "-o", "json"], env))
         run([*signet, "ceremony", "show", proposal["id"]], env)
         for custodian in ("custodian-1", "custodian-2"):
             run([*signet, "ceremony", "approve", proposal["id"], "--key",
                  str(state_dir / "custodians" / f"{custodian}.pem")], env)
-        # A build pipeline signs the manifest digest of the image it just pushed.
+        # A build pipeline signs the manifest digest of the image it just pushed, in two
+        # regions other than the one whose HSM generated the key.
         manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
         digest = hashlib.sha256(manifest).hexdigest()
-        signed = json.loads(
-            run([*signet, "sign", "--key", key, "--digest", f"sha256:{digest}", "-o", "json"], env)
-        )
         pem = run([*signet, "public-key", key], env)
         work = state_dir / "demo"
         work.mkdir(exist_ok=True)
         (work / "public.pem").write_text(pem)
         (work / "digest.bin").write_bytes(bytes.fromhex(digest))
-        (work / "signature.der").write_bytes(base64.b64decode(signed["signature"]))
-        run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(work / "public.pem"),
-             "-in", str(work / "digest.bin"), "-sigfile", str(work / "signature.der")], env)
+        signed: dict[str, str] = {}
+        for region in SIGN_REGIONS:
+            signed = sign_in_region(signet, env, key, digest, region)
+            der = work / f"signature-{signed['region']}.der"
+            der.write_bytes(base64.b64decode(signed["signature"]))
+            # One public key for every region: the replicas are the same key pair.
+            run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(work / "public.pem"),
+                 "-in", str(work / "digest.bin"), "-sigfile", str(der)], env)
         # A verifier fetches the trust bundle (TUF chain from the pinned root, nonce-bound
         # freshness) and checks the signature against it, with no access to the key store.
         run([*signet, "bundle", "fetch"], env)
         run([*signet, "verify", "--digest", f"sha256:{digest}", "--signature",
-             str(work / "signature.der"), "--key", key], env)
+             str(work / f"signature-{signed['region']}.der"), "--key", key], env)
         print(
             f"\nverified: signature by key {signed['key']} version {signed['key_version']} "
-            f"(key id {signed['key_id'][:16]}…) over sha256:{digest[:16]}… checks out with "
-            "openssl against the public key Signet published, and against the verified trust "
-            "bundle."
+            f"(key id {signed['key_id'][:16]}…) over sha256:{digest[:16]}…, made in regions "
+            f"{' and '.join(SIGN_REGIONS)}, checks out with openssl against the one public key "
+            "Signet published, and against the verified trust bundle."
         )
         pipeline_journey(signet, env, state_dir, key)
+        # An operator proves failover: region ap-south is killed under signing load and
+        # restarted; every acknowledged signature must be audited once and verify (RPO 0).
+        run([*signet, "drill", "failover", "--region", DRILL_REGION, "--mode", "kill",
+             "--load", "4", "--duration", "8", "--key", key,
+             "--report", str(state_dir / "drills" / "demo")], env)
     finally:
         run([*signet, "dev", "down", "--state-dir", str(state_dir)], env, capture=False)
     return 0

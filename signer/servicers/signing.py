@@ -6,8 +6,6 @@ from typing import Any
 
 import grpc
 
-from kms.domain.keys import Digest
-from kms.errors import KmsError
 from kms.signing import SigningService, StateView
 from signer import convert
 from signer._pb.signet.v1 import signing_pb2, signing_pb2_grpc
@@ -41,23 +39,11 @@ class SigningServicer(ServicerBase, signing_pb2_grpc.SigningServicer):
         self, request: signing_pb2.SignBatchRequest, context: Context
     ) -> signing_pb2.SignBatchResponse:
         caller = self.caller(context)
-        digests: list[Digest | KmsError] = []
-        for message in request.digests:
-            try:
-                digests.append(convert.digest_from_pb(message))
-            except KmsError as error:
-                digests.append(error)
         outcomes = await self._signing.get().sign_batch(
-            caller, request.key, request.key_version or None, digests,
-            request_id=request.request_id,
+            caller, request.key, request.key_version or None,
+            convert.digests_from_pb(request.digests), request_id=request.request_id,
         )
-        results = [
-            signing_pb2.SignBatchResult(error=convert.item_error_to_pb(outcome))
-            if isinstance(outcome, KmsError)
-            else signing_pb2.SignBatchResult(signature=convert.signature_to_pb(outcome))
-            for outcome in outcomes
-        ]
-        return signing_pb2.SignBatchResponse(results=results)
+        return convert.batch_to_pb(outcomes)
 
     @rpc
     async def GetPublicKey(

@@ -52,9 +52,17 @@ def test_make_demo_journey_prints_a_verified_signature(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "signer.dev.demo"], capture_output=True,
                             text=True, env=env, check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Signature Verified Successfully" in result.stdout
-    assert "verified: signature by key demo-" in result.stdout
+    assert "dev up --regions 3" in result.stdout
     assert "EXECUTED" in result.stdout  # the key was created by a custodian ceremony
+    # Signed in two regions other than the key's home, both verified with one public key.
+    assert '"region": "us-east"' in result.stdout
+    assert '"region": "ap-south"' in result.stdout
+    assert result.stdout.count("Signature Verified Successfully") == 2
+    assert "verified: signature by key demo-" in result.stdout
+    assert "admission signed-pod: ALLOWED" in result.stdout
+    # The closing failover drill printed its summary and passed.
+    assert "failover drill: region ap-south kill under 4 clients" in result.stdout
+    assert "RESULT: PASS (RPO 0, no duplicates)" in result.stdout
     assert "stopped: signer" in result.stdout  # the cluster was taken down again
 
 

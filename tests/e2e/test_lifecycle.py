@@ -17,6 +17,8 @@ import grpc
 import pytest
 
 from kms.domain.keys import Algorithm, Digest, DigestAlgorithm, VersionState
+from signer._pb.signet.v1 import trust_pb2, trust_pb2_grpc
+from signer.channels import open_channels
 from signer.client import SignetClient
 from signer.errors import SignetError
 from tests.fixtures.cluster import RunningCluster, hsm_holds, key_record
@@ -280,3 +282,19 @@ def test_automatic_rotation_runs_once_per_period_across_three_signers(
     assert len(created) >= 4
     assert all(g >= period - 0.05 for g in gaps), gaps  # never twice in one period
     assert [v.state for v in key.versions].count(VersionState.ACTIVE) == 1
+
+
+def test_every_signer_sharing_a_token_serves_trust_bundles(
+    lifecycle_cluster: RunningCluster,
+) -> None:
+    """Three signers started together on one SoftHSM token each find the region's online TUF
+    key, whichever of them generated it (SoftHSM can miss another process's fresh key until
+    the token is re-read; see kms/hsm/pkcs11.py ``reindex``)."""
+    pipeline = lifecycle_cluster.cluster.identity("pipeline")
+    for endpoint in lifecycle_cluster.cluster.endpoints():
+        [channel] = open_channels([endpoint], ca=lifecycle_cluster.cluster.ca,
+                                  cert=pipeline.cert, key=pipeline.key)
+        with channel:
+            response = trust_pb2_grpc.TrustStub(channel).GetTrustBundle(
+                trust_pb2.GetTrustBundleRequest(nonce=b"n" * 16), timeout=10)
+        assert response.trust_bundle, f"signer at {endpoint} serves no trust bundle"

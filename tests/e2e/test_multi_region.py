@@ -22,6 +22,7 @@ from signer.cluster import ClusterFile
 from signer.dev.cluster import DevCluster
 from signer.drill import DrillSettings, run_failover_drill
 from signer.errors import SignetError
+from signer.trust import GrpcTrustTransport, TrustClient, TrustError, TrustResponse
 from tests.fixtures.cluster import key_record
 
 pytestmark = pytest.mark.e2e
@@ -222,3 +223,42 @@ def test_failover_drill(regions: ThreeRegions, tmp_path: Path, mode: str, region
     # The region is back and signs again.
     with regions.client(region) as client:
         sign_when_replicated(client, f"drill-{mode}", digest("after"), timeout=30)
+
+
+class _AnswerFrom:
+    """A trust transport that sends every request to ``region``'s signers and asks them for
+    their own region, whatever the client wanted: an honest statement, for the wrong region."""
+
+    def __init__(self, inner: GrpcTrustTransport, region: str) -> None:
+        self.inner = inner
+        self.region = region
+
+    def fetch(self, nonce: bytes, region: str, known_root_version: int) -> TrustResponse:
+        return self.inner.fetch(nonce, self.region, known_root_version)
+
+
+def test_a_freshness_statement_from_another_region_is_refused(regions: ThreeRegions,
+                                                               tmp_path: Path) -> None:
+    root = regions.dev.state_dir / str(regions.cluster.extra["tuf_root"])
+    transports = {r: GrpcTrustTransport.from_cluster(regions.cluster, r) for r in REGIONS}
+    try:
+        # Asked for us-east, answered by eu-west (its own, validly signed statement).
+        for asked, answering in (("us-east", "eu-west"), ("eu-west", "ap-south")):
+            client = TrustClient(root, tmp_path / f"{asked}-via-{answering}", asked,
+                                 _AnswerFrom(transports[answering], answering))
+            with pytest.raises(TrustError) as refused:
+                client.refresh()
+            assert refused.value.check == "region"
+            assert not client.state_path.exists()
+        # Every region vouches for itself, with its own online key.
+        key_ids = set()
+        for region in REGIONS:
+            honest = TrustClient(root, tmp_path / region, region, transports[region])
+            bundle = honest.refresh()
+            assert bundle.region == region
+            nonce = b"n" * 32
+            key_ids.add(transports[region].fetch(nonce, region, 1).key_id)
+        assert len(key_ids) == 3
+    finally:
+        for transport in transports.values():
+            transport.close()

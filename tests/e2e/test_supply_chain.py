@@ -37,7 +37,8 @@ from signer.payloads.intoto import Statement
 from signer.registry import CosignRegistry
 from signer.signature_store import SignatureStore
 from signer.supplychain_client import SupplyChainClient
-from signer.verification import ClusterKeyResolver
+from signer.trust import GrpcTrustTransport, TrustClient
+from signer.verification import BundleKeyResolver, ClusterKeyResolver
 from tests.fixtures.cluster import RunningCluster
 from tests.unit.test_provenance_policy import slsa_statement
 
@@ -515,3 +516,72 @@ def test_provenance_create_collects_git_source_and_pip_freeze(tmp_path: Path) ->
                      "--out", str(tmp_path / "x.json"), cwd=outside)
     assert refused.returncode == 3
     assert "pass --source-repo and --commit" in refused.stderr
+
+
+def test_verification_against_the_trust_bundle_fails_once_the_version_is_revoked(
+    cluster: RunningCluster, tmp_path: Path
+) -> None:
+    """verify-image, verify-attestation and the admission controller resolve keys through the
+    verified trust bundle; a revocation reaches them with the next bundle."""
+    cluster.create_key("sc-bundle", Algorithm.ECDSA_P256_SHA256)
+    store, envelope = tmp_path / "store", tmp_path / "envelope.json"
+    (tmp_path / "statement.json").write_bytes(statement_json())
+    for argv in (("sign-image", IMAGE, "--store", str(store)),
+                 ("sign-statement", str(tmp_path / "statement.json"), "--store", str(store),
+                  "--out", str(envelope))):
+        done = signet(cluster, *argv, "--key", "sc-bundle")
+        assert done.returncode == 0, done.stderr
+    document = dict(VERIFICATION_POLICY, trusted_keys=["sc-bundle"])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(document))
+    state = tmp_path / "trust-state"
+    bundle_options = ("--keys-from", "bundle", "--trust-state", str(state))
+
+    def verify() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        return (signet(cluster, "verify-image", IMAGE, "--store", str(store), "--policy",
+                       str(policy), *bundle_options),
+                signet(cluster, "verify-attestation", str(envelope), "--policy", str(policy),
+                       "--image", IMAGE, *bundle_options))
+
+    for before in verify():
+        assert before.returncode == 0, before.stdout + before.stderr
+    assert (state / "trust-state.json").exists()
+    # Without --keys-from, a cluster.json with a tuf_root means the bundle.
+    default = signet(cluster, "verify-image", IMAGE, "--store", str(store), "--policy",
+                     str(policy), "--trust-state", str(state))
+    assert default.returncode == 0, default.stdout + default.stderr
+
+    root = cluster.dev.state_dir / str(cluster.cluster.extra["tuf_root"])
+    transport = GrpcTrustTransport.from_cluster(cluster.cluster, "local")
+    try:
+        resolver = BundleKeyResolver(TrustClient(root, tmp_path / "webhook", "local", transport),
+                                     refresh_seconds=0.2)
+        controller = AdmissionController(SignatureStore(store), resolver,
+                                         VerificationPolicy.from_dict(document), time.time)
+        assert controller.review(_review(IMAGE))["response"]["allowed"] is True
+
+        cluster.lifecycle("revoke", "sc-bundle", 1)
+        revoked_at = time.monotonic()
+        while True:
+            fetched = signet(cluster, "bundle", "fetch", "--state-dir", str(state), "-o", "json")
+            assert fetched.returncode == 0, fetched.stderr
+            if any(v["key"] == "sc-bundle" and v["revoked"]
+                   for v in json.loads(fetched.stdout)["versions"]):
+                break
+            assert time.monotonic() - revoked_at < 10, "the revocation never reached the bundle"
+
+        revoked = "key sc-bundle version 1 is REVOKED in the trust bundle"
+        image_check, attestation_check = verify()
+        assert image_check.returncode == 1, image_check.stdout + image_check.stderr
+        assert "[FAIL] image-signature" in image_check.stdout
+        assert revoked in image_check.stdout
+        assert attestation_check.returncode == 1, attestation_check.stdout
+        assert "[FAIL] signature: rule 'signature' failed" in attestation_check.stdout
+        assert revoked in attestation_check.stdout
+
+        time.sleep(0.3)  # past the webhook resolver's refresh interval
+        answer = controller.review(_review(IMAGE))["response"]
+        assert answer["allowed"] is False
+        assert revoked in answer["status"]["message"]
+    finally:
+        transport.close()

@@ -72,6 +72,9 @@ class MemoryAudit:
     async def record_signature(self, **fields: object) -> int:
         raise AssertionError("attestation records events only")
 
+    async def record_signatures(self, **fields: object) -> list[int]:
+        raise AssertionError("attestation records events only")
+
     async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int:
         if self.failing:
             raise Unavailable("the audit log cannot be written")

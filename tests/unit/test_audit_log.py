@@ -331,3 +331,75 @@ def test_removed_file_fails_closed_until_restored(tmp_path: Path) -> None:
             await log.close()
 
     asyncio.run(scenario())
+
+
+def test_append_many_gets_consecutive_indexes_among_single_appends(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        log = await open_log(tmp_path)
+        try:
+            batch = asyncio.ensure_future(log.append_many([sign_entry(n) for n in range(100, 356)]))
+            singles = await asyncio.gather(*(log.append(sign_entry(n)) for n in range(10)))
+            many = await batch
+            assert await log.append_many([]) == []
+            return many, singles
+        finally:
+            await log.close()
+
+    many, singles = asyncio.run(scenario())
+    assert many == list(range(many[0], many[0] + 256))
+    assert sorted([*many, *singles]) == list(range(266))
+    by_index = {json.loads(line)["index"]: json.loads(line) for line in entry_lines(tmp_path)}
+    for n, index in zip(range(100, 356), many, strict=True):
+        assert by_index[index]["request_id"] == f"r-{n}"
+    assert verify_log(tmp_path, trusted_public_key_pem=SIGNER.public_key_pem).entries == 266
+
+
+def test_append_many_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import kms.audit.log as log_module
+
+    def full_disk(fd: int, data: memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        log = await open_log(tmp_path)
+        try:
+            with pytest.raises(InvalidArgument, match="set by the log"):
+                await log.append_many([sign_entry(1), {"kind": "sign", "time": "now"}])
+            with pytest.raises(InvalidArgument, match="JSON"):
+                await log.append_many([sign_entry(1), {"kind": "sign", "blob": object()}])
+            assert await log.append_many([sign_entry(2), sign_entry(3)]) == [0, 1]
+            monkeypatch.setattr(log_module.os, "write", full_disk)
+            with pytest.raises(AuditUnavailable, match="No space left"):
+                await log.append_many([sign_entry(n) for n in range(4, 20)])
+        finally:
+            monkeypatch.undo()
+            await log.close()
+
+    asyncio.run(scenario())
+    assert [json.loads(line)["request_id"] for line in entry_lines(tmp_path)] == ["r-2", "r-3"]
+
+
+def test_record_signatures_writes_one_sign_entry_per_digest(tmp_path: Path) -> None:
+    async def scenario() -> list[int]:
+        log = await open_log(tmp_path)
+        try:
+            with pytest.raises(InvalidArgument, match="one request id per digest"):
+                await log.record_signatures(
+                    identity="i", key="k", version=1, key_id="ab", revision=3, region="r",
+                    digests=["sha256:00"], request_ids=[])
+            return await log.record_signatures(
+                identity="spiffe://ci/pipeline", key="release", version=2, key_id="ab" * 32,
+                revision=17, region="eu-west", digests=["sha256:01", "sha256:02"],
+                request_ids=["b#0", "b#1"])
+        finally:
+            await log.close()
+
+    assert asyncio.run(scenario()) == [0, 1]
+    first, second = (json.loads(line) for line in entry_lines(tmp_path))
+    assert (first["digest"], first["request_id"], second["request_id"]) == (
+        "sha256:01", "b#0", "b#1")
+    assert first["kind"] == second["kind"] == "sign"
+    assert first["revision"] == 17
+    assert first["time"] == second["time"]

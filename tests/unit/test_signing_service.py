@@ -68,6 +68,16 @@ class FakeAudit:
         self.entries.append(fields)
         return len(self.entries) - 1
 
+    async def record_signatures(
+        self, *, digests: Sequence[str], request_ids: Sequence[str], **common: object
+    ) -> list[int]:
+        if self.failing:
+            raise Unavailable("audit store full")
+        first = len(self.entries)
+        self.entries += [{**common, "digest": d, "request_id": r}
+                         for d, r in zip(digests, request_ids, strict=True)]
+        return list(range(first, len(self.entries)))
+
     async def record_event(self, kind: str, fields: object) -> int:
         raise AssertionError("signing records signatures only")
 

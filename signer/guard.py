@@ -1,0 +1,256 @@
+"""Per-identity limits and audited denials, in one server interceptor (docs/adr/0012).
+
+Every unary RPC except health checks and reflection passes through :class:`GuardInterceptor`:
+
+- **Rate**: a token bucket per caller identity (``per_identity_rps`` refill,
+  ``per_identity_burst`` capacity). An empty bucket answers ``RESOURCE_EXHAUSTED`` saying which
+  limit and after how many milliseconds a token is back (also in the trailing metadata
+  ``signet-retry-after-ms``).
+- **Concurrency**: at most ``per_identity_concurrency`` calls of one identity in flight.
+- **Denials are audited**: every ``PERMISSION_DENIED`` / ``UNAUTHENTICATED`` the servicers
+  answer becomes an audit ``security`` entry (identity, method, key, reason; never a payload).
+  A token bucket per identity and one for the whole process bound how many are written, so a
+  flood of denials cannot fill the audit disk; what is dropped is counted and reported in the
+  next entry written for that identity (``dropped``) and in the metric
+  ``signet_security_events_total{kind="denial_dropped"}``.
+
+The hot path is a dict lookup, a few float operations and no lock (one event loop per
+process). Identity comes from the client certificate exactly as the servicers read it
+(``signer.identity``, cached per certificate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from kms.errors import KmsError
+from signer.identity import identity_from_pem
+
+log = logging.getLogger(__name__)
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+DENIAL_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+UNIDENTIFIED = "unidentified"  # callers whose certificate carries no usable URI SAN
+MAX_TRACKED_IDENTITIES = 10_000
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``limits:`` section. Defaults are generous: they stop a runaway client, not a busy
+    one. ``per_identity_rps`` 0 turns the rate limit off, ``per_identity_concurrency`` 0 the
+    concurrency limit."""
+
+    per_identity_rps: float = 2_000.0
+    per_identity_burst: int = 4_000
+    per_identity_concurrency: int = 256
+    denial_audit_per_identity_rps: float = 2.0
+    denial_audit_burst: int = 20
+    denial_audit_total_rps: float = 50.0
+
+
+class EventRecorder(Protocol):
+    """The part of the audit log (``kms.ports.AuditRecorder``) that denials need."""
+
+    async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int: ...
+
+
+class TokenBucket:
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 when granted, else the seconds until one is back."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
+
+
+class _Buckets:
+    """Token buckets by identity, the least recently used forgotten beyond a bound (a
+    forgotten identity starts again with a full bucket, which only ever errs generous)."""
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, identity: str, now: float) -> float:
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            bucket = self._buckets[identity] = TokenBucket(self.rate, self.capacity, now)
+            if len(self._buckets) > MAX_TRACKED_IDENTITIES:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(identity)
+        return bucket.take(now)
+
+
+class DenialAuditor:
+    """Writes ``security`` audit entries for denials, within a bounded rate."""
+
+    def __init__(self, config: LimitsConfig, *, clock: Callable[[], float] = time.monotonic,
+                 count_event: Callable[[str], None] | None = None) -> None:
+        self._per_identity = _Buckets(config.denial_audit_per_identity_rps,
+                                      config.denial_audit_burst)
+        self._total = TokenBucket(config.denial_audit_total_rps,
+                                  max(config.denial_audit_burst, 1), clock())
+        self._clock = clock
+        self._count = count_event
+        self._dropped: dict[str, int] = {}
+        self._audit: EventRecorder | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.written = 0
+        self.dropped = 0
+
+    def attach(self, audit: EventRecorder) -> None:
+        """Start writing entries (denials before the audit log is open are logged only)."""
+        self._audit = audit
+
+    def denied(self, *, identity: str, method: str, key: str, code: grpc.StatusCode,
+               reason: str) -> None:
+        """Record one denial without delaying the answer to the caller."""
+        now = self._clock()
+        if self._audit is None or self._per_identity.take(identity, now) or self._total.take(now):
+            self._dropped[identity] = self._dropped.get(identity, 0) + 1
+            if len(self._dropped) > MAX_TRACKED_IDENTITIES:
+                self._dropped.pop(next(iter(self._dropped)))
+            self.dropped += 1
+            if self._count is not None:
+                self._count("denial_dropped")
+            return
+        fields: dict[str, Any] = {
+            "event": "denied", "identity": identity, "method": method, "key": key,
+            "code": code.name, "reason": reason[:500],
+        }
+        dropped = self._dropped.pop(identity, 0)
+        if dropped:
+            fields["dropped"] = dropped
+        task = asyncio.create_task(self._write(self._audit, fields))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, audit: EventRecorder, fields: dict[str, Any]) -> None:
+        try:
+            await audit.record_event("security", fields)
+        except KmsError as error:  # the audit store is down: the denial stands regardless
+            log.warning("could not audit a denial for %s: %s", fields["identity"],
+                        error.diagnostics())
+            return
+        self.written += 1
+        if self._count is not None:
+            self._count("denied")
+
+    async def drain(self) -> None:
+        """Wait for entries being written (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _identity(context: grpc.aio.ServicerContext[Any, Any], insecure: bool) -> str:
+    if insecure:
+        return "insecure://anonymous"
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return UNIDENTIFIED
+    try:
+        return identity_from_pem(next(iter(pems)))
+    except KmsError:
+        return UNIDENTIFIED
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Rate and concurrency limits per identity, and audited denials (module docstring)."""
+
+    def __init__(self, config: LimitsConfig, auditor: DenialAuditor, *, insecure: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._auditor = auditor
+        self._insecure = insecure
+        self._clock = clock
+        self._rate = (_Buckets(config.per_identity_rps, config.per_identity_burst)
+                      if config.per_identity_rps > 0 else None)
+        self._inflight: dict[str, int] = {}
+        self.rejected = {"rate": 0, "concurrency": 0}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        full_method = handler_call_details.method
+        if (handler is None or handler.unary_unary is None
+                or full_method.startswith(EXEMPT_PREFIXES)):
+            return handler
+        method = full_method.rsplit("/", 1)[-1]
+        inner: Any = handler.unary_unary
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            identity = _identity(context, self._insecure)
+            await self._admit(identity, context)
+            self._inflight[identity] = self._inflight.get(identity, 0) + 1
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = context.code() if hasattr(context, "code") else None
+                if code in DENIAL_CODES:
+                    key = getattr(request, "key", "") or getattr(request, "name", "")
+                    details = context.details() if hasattr(context, "details") else ""
+                    self._auditor.denied(
+                        identity=identity, method=method, key=key if isinstance(key, str) else "",
+                        code=code, reason=details if isinstance(details, str) else "")
+                raise
+            finally:
+                left = self._inflight[identity] - 1
+                if left:
+                    self._inflight[identity] = left
+                else:
+                    del self._inflight[identity]
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(self, identity: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        config = self._config
+        if config.per_identity_concurrency and \
+                self._inflight.get(identity, 0) >= config.per_identity_concurrency:
+            self.rejected["concurrency"] += 1
+            await self._refuse(context, 50, (
+                f"concurrency limit reached for {identity}: at most "
+                f"{config.per_identity_concurrency} calls in flight per identity; retry when "
+                "one of your calls has finished (about 50 ms)"))
+        if self._rate is not None:
+            wait = self._rate.take(identity, self._clock())
+            if wait:
+                self.rejected["rate"] += 1
+                millis = max(1, int(wait * 1000) + 1)
+                await self._refuse(context, millis, (
+                    f"rate limit reached for {identity}: {config.per_identity_rps:g} requests/s "
+                    f"(burst {config.per_identity_burst}) per identity; retry after {millis} ms"))
+
+    @staticmethod
+    async def _refuse(context: grpc.aio.ServicerContext[Any, Any], millis: int,
+                      message: str) -> None:
+        context.set_trailing_metadata((("signet-retry-after-ms", str(millis)),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

@@ -1,0 +1,224 @@
+"""Per-identity rate and concurrency limits, and load shedding under one noisy identity
+(issue 10, docs/adr/0012)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from kms.domain.keys import Algorithm, Digest, DigestAlgorithm
+from kms.domain.policy import AccessPolicy
+from signer.client import SignetClient
+from signer.dev.ca import DevCa
+from signer.dev.cluster import DevCluster, default_policy
+from signer.errors import SignetError
+from tests.fixtures.cluster import RunningCluster
+
+pytestmark = pytest.mark.e2e
+
+NOISY_URI = "spiffe://signet.dev/noisy"
+LIMITS = {"per_identity_rps": 100, "per_identity_burst": 20, "per_identity_concurrency": 4}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    dev = DevCluster(tmp_path_factory.mktemp("limits"))
+    try:
+        cluster = dev.up(log=False, signer_settings={
+            "ceremonies": {"required": False}, "limits": LIMITS,
+            "multi_region": {"bootstrap_register": True, "request_window_seconds": 0}})
+        running = RunningCluster(dev, cluster)
+        DevCa.load_or_create(running.ca_dir).issue("noisy", uri=NOISY_URI, client=True)
+        policy = default_policy().to_dict()
+        policy["bindings"].append({"identity": NOISY_URI, "sign": ["*"]})
+        with running.client("admin") as admin:
+            admin.create_key("limited", Algorithm.ECDSA_P256_SHA256)
+            admin.set_policy(AccessPolicy.from_dict(policy),
+                             expected_revision=admin.get_policy()[1])
+        time.sleep(0.3)
+        yield running
+    finally:
+        dev.down()
+
+
+def digest(n: int) -> Digest:
+    return Digest(DigestAlgorithm.SHA256, hashlib.sha256(str(n).encode()).digest())
+
+
+def noisy_client(cluster: RunningCluster) -> SignetClient:
+    ca = cluster.ca_dir
+    return SignetClient(cluster.cluster.endpoints(), ca=cluster.cluster.ca,
+                        cert=ca / "noisy.pem", key=ca / "noisy-key.pem",
+                        attempts_per_endpoint=1)
+
+
+def test_rate_and_concurrency_limits_answer_resource_exhausted(limited: RunningCluster) -> None:
+    with noisy_client(limited) as noisy:
+        codes: list[str] = []
+        messages: list[str] = []
+        for n in range(60):  # burst 20, then 100/s: a tight loop runs dry
+            try:
+                noisy.sign_digest("limited", digest(n))
+                codes.append("OK")
+            except SignetError as error:
+                codes.append(error.code.name)
+                if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    messages.append(error.message)
+        assert codes[:15] == ["OK"] * 15
+        assert "RESOURCE_EXHAUSTED" in codes
+        assert all("rate limit" in m and "retry after" in m and NOISY_URI in m for m in messages)
+        time.sleep(0.5)
+        # Concurrency: 32 calls at once from one identity, at most 4 in flight.
+        with ThreadPoolExecutor(32) as pool:
+            outcomes = list(pool.map(lambda n: _try(noisy, n), range(32)))
+        concurrency = [o for o in outcomes if "concurrency limit" in o]
+        assert concurrency or any("rate limit" in o for o in outcomes)
+    # Another identity is unaffected.
+    with limited.client() as quiet:
+        quiet.sign_digest("limited", digest(-1))
+
+
+def _try(client: SignetClient, n: int) -> str:
+    try:
+        client.sign_digest("limited", digest(1000 + n))
+    except SignetError as error:
+        return error.message
+    return "OK"
+
+
+LOAD = """
+import json, sys, threading, time, hashlib
+import grpc
+from signer._pb.signet.v1 import common_pb2, signing_pb2, signing_pb2_grpc
+endpoint, ca, cert, key, rate, seconds, threads = sys.argv[1:8]
+rate, seconds, threads = float(rate), float(seconds), int(threads)
+creds = grpc.ssl_channel_credentials(open(ca, "rb").read(), open(key, "rb").read(),
+                                     open(cert, "rb").read())
+counts = {}
+lock = threading.Lock()
+def run(index):
+    with grpc.secure_channel(endpoint, creds,
+                             options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = signing_pb2_grpc.SigningStub(channel)
+        interval = threads / rate
+        start = time.monotonic()
+        n = 0
+        while time.monotonic() - start < seconds:
+            due = start + n * interval
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            request = signing_pb2.SignDigestRequest(key="limited", digest=common_pb2.Digest(
+                algorithm=common_pb2.SHA256, value=hashlib.sha256(b"%d-%d" % (index, n)).digest()))
+            try:
+                stub.SignDigest(request, timeout=5)
+                code = "OK"
+            except grpc.RpcError as error:
+                code = error.code().name
+            with lock:
+                counts[code] = counts.get(code, 0) + 1
+            n += 1
+workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+print(json.dumps(counts))
+"""
+
+
+def _load(cluster: RunningCluster, rate: float, seconds: float, threads: int
+          ) -> subprocess.Popen[str]:
+    ca = cluster.ca_dir
+    # Niced: the noisy client stands for a remote machine, so its own CPU (it shares the 2
+    # cores with the signer and the quiet client here) should not count against the signer.
+    return subprocess.Popen(
+        ["nice", "-n", "10", sys.executable, "-c", LOAD, cluster.cluster.endpoints()[0],
+         str(cluster.cluster.ca), str(ca / "noisy.pem"), str(ca / "noisy-key.pem"), str(rate),
+         str(seconds), str(threads)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+
+
+def _quiet_latencies(cluster: RunningCluster, seconds: float) -> tuple[list[float], int]:
+    """The quiet identity signs at ~70/s; returns its latencies and its failures."""
+    latencies: list[float] = []
+    failures = 0
+    with cluster.client() as quiet:
+        quiet.sign_digest("limited", digest(-2))  # connect outside the measurement
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            try:
+                quiet.sign_digest("limited", digest(10_000 + n))
+                latencies.append(time.perf_counter() - started)
+            except SignetError:
+                failures += 1
+            n += 1
+            time.sleep(0.01)
+    return latencies, failures
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def test_a_noisy_identity_at_120_percent_overload_is_shed_and_others_keep_their_latency(
+    limited: RunningCluster, record_property: object,
+) -> None:
+    """The noisy identity offers 120% of what the signer can serve it, measured first: its
+    closed-loop capacity with 4 connections (capped by its concurrency limit). The guard sheds
+    its excess (rate limit 100/s). The quiet identity meanwhile signs ~70/s
+    (a few hundred samples per phase, so p99 is not just the maximum).
+
+    Asserted robustly on 2 shared cores: in every round the noisy identity gets
+    RESOURCE_EXHAUSTED and every quiet request succeeds; and the quiet p99 stays within
+    2 x its unloaded p99 plus 15 ms in at least one of up to three rounds, each measuring its
+    own unloaded baseline right before. The slack and the rounds exist because this machine's
+    2 cores are shared with the load generator (niced), the test, and whatever else runs on
+    the host: a single descheduling of the signer puts tens of milliseconds into a p99 of a
+    few hundred samples, and did so in one of our runs (250 ms) with shedding working. A
+    signer that does not shed fails every round. Figures of every round are printed (-s) and
+    recorded as test properties."""
+    rounds = []
+    for attempt in range(3):
+        figures, unloaded_p99, loaded_p99 = _shedding_round(limited)
+        rounds.append(figures)
+        print("\nload shedding:", json.dumps(figures))
+        record_property(f"load_shedding_{attempt}", json.dumps(figures))  # type: ignore[operator]
+        if loaded_p99 <= 2 * unloaded_p99 + 0.015:
+            return
+    raise AssertionError(f"quiet p99 above 2 x unloaded + 15 ms in every round: {rounds}")
+
+
+def _shedding_round(limited: RunningCluster) -> tuple[dict[str, object], float, float]:
+    time.sleep(1.0)  # let the rate bucket refill
+    unloaded, failed = _quiet_latencies(limited, 3.0)
+    assert failed == 0
+    # Capacity for the noisy identity: an unpaced closed loop (rate is huge).
+    probe = _load(limited, 100_000, 2.0, 4)
+    capacity_counts = json.loads(probe.communicate(timeout=60)[0])
+    capacity = sum(capacity_counts.values()) / 2.0
+    offered = 1.2 * capacity
+    time.sleep(0.5)
+    noisy = _load(limited, offered, 4.0, 4)
+    time.sleep(0.3)
+    loaded, failed_loaded = _quiet_latencies(limited, 3.0)
+    noisy_counts = json.loads(noisy.communicate(timeout=60)[0])
+    figures = {
+        "noisy_capacity_rps": round(capacity), "noisy_offered_rps": round(offered),
+        "noisy_outcomes": noisy_counts,
+        "quiet_unloaded_p99_ms": round(_p99(unloaded) * 1000, 2),
+        "quiet_loaded_p99_ms": round(_p99(loaded) * 1000, 2),
+        "quiet_requests": len(loaded) + failed_loaded, "quiet_failures": failed_loaded,
+    }
+    assert noisy_counts.get("RESOURCE_EXHAUSTED", 0) > 0, figures
+    assert failed_loaded == 0, figures
+    return figures, _p99(unloaded), _p99(loaded)

@@ -1,0 +1,73 @@
+"""signer.guard without a server: token buckets, the bounded denial audit, the config."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from kms.errors import InvalidArgument
+from signer.config import ServerConfig
+from signer.guard import DenialAuditor, LimitsConfig, TokenBucket
+
+BASE = {"region": "eu", "listen": "127.0.0.1:0", "insecure": True,
+        "etcd": {"endpoints": ["127.0.0.1:2379"]}, "hsm": {"token_label": "t", "pin_env": "P"}}
+
+
+def test_a_token_bucket_grants_its_burst_then_says_when_to_retry() -> None:
+    bucket = TokenBucket(rate=10.0, capacity=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.1) == 0.0  # one token back after 1/rate
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def record_event(self, kind: str, fields: Any) -> int:
+        self.events.append({"kind": kind, **fields})
+        return len(self.events)
+
+    async def record_signature(self, **_: Any) -> int:
+        raise AssertionError
+
+
+def test_denials_are_audited_at_a_bounded_rate_and_drops_are_counted() -> None:
+    now = [0.0]
+    auditor = DenialAuditor(LimitsConfig(denial_audit_per_identity_rps=1,
+                                         denial_audit_burst=5, denial_audit_total_rps=100),
+                            clock=lambda: now[0])
+    recorder = Recorder()
+
+    async def flood() -> None:
+        auditor.attach(recorder)
+        for _ in range(100):
+            auditor.denied(identity="spiffe://x/a", method="SignDigest", key="k",
+                           code=grpc.StatusCode.PERMISSION_DENIED, reason="no")
+        now[0] = 2.0
+        auditor.denied(identity="spiffe://x/a", method="SignDigest", key="k",
+                       code=grpc.StatusCode.PERMISSION_DENIED, reason="no")
+        await auditor.drain()
+
+    asyncio.run(flood())
+    assert len(recorder.events) == 6
+    assert recorder.events[-1]["dropped"] == 95
+    assert {e["kind"] for e in recorder.events} == {"security"}
+    assert auditor.dropped == 95
+
+
+def test_the_limits_section_is_validated() -> None:
+    config = ServerConfig.from_dict({**BASE, "limits": {"per_identity_rps": 5,
+                                                        "per_identity_burst": 2,
+                                                        "per_identity_concurrency": 1}},
+                                    base=Path.cwd())
+    assert config.limits.per_identity_rps == 5.0
+    assert ServerConfig.from_dict(BASE, base=Path.cwd()).limits == LimitsConfig()
+    for bad in ({"per_identity_rps": -1}, {"per_identity_burst": 1.5}, {"nope": 1},
+                {"per_identity_concurrency": True}, {"per_identity_burst": 0}):
+        with pytest.raises(InvalidArgument, match="limits"):
+            ServerConfig.from_dict({**BASE, "limits": bad}, base=Path.cwd())

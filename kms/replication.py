@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from kms.domain.keys import Key, Replication, VersionState
-from kms.errors import FailedPrecondition, KmsError, StateStoreError, Unavailable
+from kms.errors import FailedPrecondition, HsmError, KmsError, StateStoreError, Unavailable
 from kms.hsm import transport
 from kms.hsm.transport import TransportKey, WrappedKey
 from kms.ports import VersionedKey
@@ -59,6 +59,14 @@ def check_region(key: Key, region: str) -> None:
 
 def missing_replica(key: Key, version: int, region: str) -> KmsError:
     """The error for a version this region's HSM does not hold (yet)."""
+    if key.home_region is None or key.home_region == region:
+        # The key was made here, so the token should hold it: the token is damaged or this
+        # signer points at the wrong one. Retrying elsewhere may work; nothing is signed here.
+        return HsmError(
+            f"the HSM token of region {region!r} does not hold key {key.name!r} version "
+            f"{version}, which was generated here; check the token (backup restore?) and the "
+            "signer's token label, or use another region"
+        )
     if key.replication is Replication.MULTI_REGION:
         home = f" or use region {key.home_region!r}" if key.home_region else ""
         return Unavailable(

@@ -400,8 +400,13 @@ def test_a_corrupted_softhsm_token_directory_under_load(
                 data = path.read_bytes()
                 path.write_bytes(data[: len(data) // 2])
         time.sleep(3.0)
-        shutil.rmtree(tokens)
-        shutil.copytree(backup, tokens)
+        # The signer may still write into the token while we restore it (rmtree then races a
+        # new file): copy the backup over whatever is there instead of deleting first.
+        for stray in set(tokens.rglob("*")) - {tokens / p.relative_to(backup)
+                                               for p in backup.rglob("*")}:
+            if stray.is_file():
+                stray.unlink(missing_ok=True)
+        shutil.copytree(backup, tokens, dirs_exist_ok=True)
         marks["restored"] = time.monotonic()
 
     load.run(disrupt)

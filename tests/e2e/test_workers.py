@@ -87,9 +87,19 @@ def sign_on_fresh_connections(cluster: RunningCluster, key: str, count: int) -> 
     may hand to either worker); returns the signed versions."""
     versions = []
     for n in range(count):
-        with cluster.client("pipeline") as client:
+        # Patient: a connection the kernel queued on a worker that was just killed is reset,
+        # and the client library retries UNAVAILABLE with backoff.
+        with cluster.client("pipeline", attempts_per_endpoint=6) as client:
             versions.append(client.sign_digest(key, digest(n)).version)
     return versions
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def audit_logs_with_signatures(cluster: RunningCluster) -> set[str]:
@@ -132,6 +142,7 @@ def test_a_killed_worker_is_restarted_and_signing_continues(
     before = worker_pids(c)
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not _alive(victim), 10, "the killed worker to exit")
     # The surviving worker keeps signing (a client retries UNAVAILABLE from the lost one).
     assert set(sign_on_fresh_connections(c, "shared", 5)) == {1}
     wait_for(lambda: len(worker_pids(c)) == 2 and victim not in worker_pids(c), 15,

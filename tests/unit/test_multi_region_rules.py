@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from kms.domain.keys import Algorithm, Key, Replication
-from kms.errors import FailedPrecondition, Unavailable
+from kms.errors import FailedPrecondition, HsmError, Unavailable
 from kms.replication import check_region, missing_replica
 from signer.errors import status_for
 
@@ -41,3 +41,10 @@ def test_a_missing_replica_is_unavailable_and_names_the_home_region() -> None:
     assert status_for(error) is grpc.StatusCode.UNAVAILABLE
     assert isinstance(missing_replica(key(Replication.REGIONAL, "eu-west"), 1, "x"),
                       FailedPrecondition)
+
+
+def test_a_key_missing_from_its_own_region_is_an_hsm_problem() -> None:
+    for replication in Replication:
+        error = missing_replica(key(replication, "eu-west"), 1, "eu-west")
+        assert isinstance(error, HsmError)  # UNAVAILABLE, not "lives elsewhere"
+        assert "does not hold key" in str(error)

@@ -32,11 +32,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 REQUEST_IDS = [f"dash-req-{n}" for n in range(1, 4)]
 
-playwright_sync = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is in the dev extras (make setup)")
-if not CHROMIUM.exists():  # the Makefile installs Debian's chromium
-    pytest.skip("Debian's chromium is not installed (make system-packages)",
-                allow_module_level=True)
+import playwright.sync_api as playwright_sync  # noqa: E402 - after the constants it documents
+
+if not CHROMIUM.exists():  # `make test` installs Debian's chromium; missing means set-up failed
+    pytest.fail("Debian's chromium is not installed: run `make system-packages`",
+                pytrace=False)
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -66,7 +66,13 @@ MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations in one transaction
 
 # etcd's own keep-alive enforcement rejects client pings more often than every 5 s
 # (--grpc-keepalive-min-time); 10 s pings let the channel notice a dead TCP peer.
+# Records per page of a snapshot read: bounded replies whatever the number of keys.
+SNAPSHOT_PAGE = 256
+
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # etcd replies to a transaction of prefix reads (TUF files, proposals) in one message;
+    # gRPC's default 4 MiB cap would turn a large but healthy repository into an outage.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),
@@ -597,20 +603,45 @@ class EtcdKeyStateStore:
     # -- snapshot and watch -----------------------------------------------------------------
 
     async def snapshot(self) -> StateSnapshot:
-        """Every key and the policy in one linearizable range read, at its header revision."""
+        """Every key and the policy, read at one revision (the first page's header revision).
+
+        Only ``[keys/, policy\\0)`` is read, the same range the watch covers, in pages of
+        ``SNAPSHOT_PAGE`` records pinned to that revision: the rest of the prefix (TUF files,
+        request ids, audit checkpoints) grows with use and must never make a signer unable
+        to start. A page compacted away under us restarts the whole read.
+        """
 
         async def attempt(_: int) -> StateSnapshot:
-            response = await self._range(self.config.prefix + "/", prefix=True)
             keys: dict[str, VersionedKey] = {}
             policy: VersionedPolicy | None = None
-            for kv in response.kvs:
-                path = kv.key.decode()
-                name = self.layout.key_name(path)
-                if name is not None:
-                    keys[name] = _decode_key(path, kv.value, kv.mod_revision)
-                elif path == self.layout.policy:
-                    policy = _decode_policy(path, kv.value, kv.mod_revision)
-            return StateSnapshot(response.header.revision, keys, policy)
+            start = self.layout.keys_dir.encode()
+            end = self.layout.policy.encode() + b"\0"
+            revision = 0
+            while True:
+                request = rpc.RangeRequest(key=start, range_end=end, limit=SNAPSHOT_PAGE,
+                                           revision=revision)
+                try:
+                    response = await self._client.kvstub.Range(
+                        request, timeout=self.config.call_timeout)
+                except grpc.aio.AioRpcError as e:
+                    if revision == 0 or e.code() != grpc.StatusCode.OUT_OF_RANGE:
+                        raise
+                    # Compacted between two pages: start again at the newest revision.
+                    keys, policy, revision = {}, None, 0
+                    start = self.layout.keys_dir.encode()
+                    continue
+                if revision == 0:
+                    revision = int(response.header.revision)
+                for kv in response.kvs:
+                    path = kv.key.decode()
+                    name = self.layout.key_name(path)
+                    if name is not None:
+                        keys[name] = _decode_key(path, kv.value, kv.mod_revision)
+                    elif path == self.layout.policy:
+                        policy = _decode_policy(path, kv.value, kv.mod_revision)
+                if not response.more or not response.kvs:
+                    return StateSnapshot(revision, keys, policy)
+                start = bytes(response.kvs[-1].key) + b"\0"
 
         return await self._call("snapshot of key state", attempt)
 

@@ -182,6 +182,45 @@ def test_snapshot_reads_all_state_at_one_revision(etcd_cluster: EtcdCluster) -> 
     run(closing(store, scenario()))
 
 
+def test_snapshot_pages_key_state_and_ignores_large_records_beside_it(
+    etcd_cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signer must start however much else the prefix holds (CI once failed a restart on
+    4.4 MB of TUF files), and a snapshot spanning pages is still one revision."""
+    monkeypatch.setattr("kms.state.etcd.SNAPSHOT_PAGE", 3)
+    store = store_for(etcd_cluster)
+
+    async def scenario() -> None:
+        created = {n: await store.create_key(make_key(n)) for n in "abcdefgh"}
+        policy = await store.put_policy(AccessPolicy(()), None)
+        blob = os.urandom(1024 * 1024)
+        for i in range(5):  # 5 MiB beside the keys: more than gRPC's default 4 MiB reply
+            await store.write_records({f"/signet/v1/tuf/files/{i}.targets.json": blob})
+        read = await store.read_records(prefixes=["/signet/v1/tuf/files/"])
+        assert len(read.records) == 5
+
+        real_range = store._client.kvstub.Range  # interpose between pages
+        pages = 0
+
+        async def range_then_write(request: Any, **kwargs: Any) -> Any:
+            nonlocal pages
+            response = await real_range(request, **kwargs)
+            pages += 1
+            if pages == 1:  # a write after the first page must not show up in the snapshot
+                await store.create_key(make_key("late"))
+            return response
+
+        store._client.kvstub.Range = range_then_write
+        snapshot = await store.snapshot()
+        store._client.kvstub.Range = real_range
+        assert pages >= 3
+        assert snapshot.keys == created
+        assert snapshot.policy == policy
+        assert "late" in (await store.snapshot()).keys
+
+    run(closing(store, scenario()))
+
+
 def test_watch_delivers_changes_in_order_quickly(etcd_cluster: EtcdCluster) -> None:
     store, writer = store_for(etcd_cluster), store_for(etcd_cluster)
 

@@ -375,13 +375,15 @@ def probe_phases(bench: Bench, seconds: float) -> dict[str, Any]:
     }
 
 
-def measure_cluster(state_dir: Path, *, telemetry: bool, seconds: float) -> dict[str, Any]:
+def measure_cluster(state_dir: Path, *, telemetry: bool, seconds: float,
+                    hsm_signing: str = "auto") -> dict[str, Any]:
     """Start a cluster with telemetry on or off and measure ``probe_phases`` on it."""
     cores = os.cpu_count() or 1
     dev = DevCluster(state_dir)
     try:
         cluster = dev.up(log=False, signer_settings={
-            "workers": cores, "telemetry": {"enabled": telemetry}, **BENCH_LIMITS})
+            "workers": cores, "telemetry": {"enabled": telemetry},
+            "hsm": {"signing": hsm_signing}, **BENCH_LIMITS})
         signer = dev.signers()[0]
         workers = wait_for_workers(signer, cores)
         with SignetClient.from_cluster(cluster, "admin", timeout=60.0) as client:
@@ -392,11 +394,13 @@ def measure_cluster(state_dir: Path, *, telemetry: bool, seconds: float) -> dict
         dev.down()
 
 
-def probe(*, telemetry: bool) -> None:
-    say(f"probe, telemetry {'on' if telemetry else 'off'}, load average {os.getloadavg()}")
+def probe(*, telemetry: bool, hsm_signing: str) -> None:
+    say(f"probe, telemetry {'on' if telemetry else 'off'}, hsm.signing {hsm_signing}, "
+        f"load average {os.getloadavg()}")
     tmp = Path(tempfile.mkdtemp(prefix="signet-bench-"))
     try:
-        measure_cluster(tmp / "cluster", telemetry=telemetry, seconds=5.0)
+        measure_cluster(tmp / "cluster", telemetry=telemetry, seconds=5.0,
+                        hsm_signing=hsm_signing)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"load average at the end {os.getloadavg()}")
@@ -461,9 +465,11 @@ def main(argv: list[str] | None = None) -> None:
                              "writes nothing (for measuring one change quickly, ~40 s)")
     parser.add_argument("--telemetry", choices=("on", "off"), default="on",
                         help="with --probe: the signer's telemetry.enabled setting")
+    parser.add_argument("--hsm-signing", choices=("auto", "inline", "thread"), default="auto",
+                        help="with --probe: the signer's hsm.signing setting (docs/adr/0013)")
     args = parser.parse_args(argv)
     if args.probe:
-        probe(telemetry=args.telemetry == "on")
+        probe(telemetry=args.telemetry == "on", hsm_signing=args.hsm_signing)
         return
     began = time.monotonic()
     results = run(args.soak, args.quick)

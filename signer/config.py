@@ -12,6 +12,8 @@ Example::
       module: /usr/lib/softhsm/libsofthsm2.so   # any PKCS#11 module; optional for SoftHSM
       token_label: signet-eu-west
       pin_file: /run/secrets/hsm-pin           # or pin_env: SIGNET_HSM_PIN
+      signing: auto                             # inline | thread; auto: inline for SoftHSM
+                                                # (docs/adr/0013); thread for network HSMs
     lease_ttl_seconds: 5
     workers: 2                                  # optional; default: one per core (docs/adr/0008)
     audit:                                      # optional; these are the defaults
@@ -78,6 +80,7 @@ import yaml
 
 from kms.admin import LifecycleSettings
 from kms.errors import InvalidArgument
+from kms.hsm.pkcs11 import SIGNING_MODES
 from kms.state.etcd import EtcdConfig
 from signer.guard import LimitsConfig
 
@@ -104,6 +107,7 @@ class HsmSettings:
     module: str | None = None
     pin_file: Path | None = None
     pin_env: str | None = None
+    signing: str = "auto"  # kms.hsm.pkcs11.SIGNING_MODES
 
 
 @dataclass(frozen=True)
@@ -357,11 +361,18 @@ def _hsm(raw: Mapping[str, Any], path: Callable[[Any, str], Path]) -> HsmSetting
             "use pin_file or pin_env"
         )
     module = raw.get("module")
+    signing = raw.get("signing", "auto")
+    if signing not in SIGNING_MODES:
+        raise InvalidArgument(
+            f"config hsm.signing must be one of {', '.join(SIGNING_MODES)}, not {signing!r}: "
+            "inline signs on the event loop (modules that compute in-process, like SoftHSM), "
+            "thread hands each signature to the HSM thread (modules that wait on a network)")
     return HsmSettings(
         token_label=label,
         module=None if module is None else str(module),
         pin_file=None if pin_file is None else path(pin_file, "hsm.pin_file"),
         pin_env=None if pin_env is None else str(pin_env),
+        signing=signing,
     )
 
 

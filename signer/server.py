@@ -215,7 +215,8 @@ async def _open_hsm(config: ServerConfig) -> Pkcs11Hsm:
         str(config.hsm.pin_file) if config.hsm.pin_file else None, config.hsm.pin_env
     )
     return await Pkcs11Hsm.open(
-        config.hsm.module or find_softhsm_module(), config.hsm.token_label, pin
+        config.hsm.module or find_softhsm_module(), config.hsm.token_label, pin,
+        signing=config.hsm.signing,
     )
 
 

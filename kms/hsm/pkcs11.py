@@ -2,9 +2,20 @@
 
 Threading. python-pkcs11 calls ``C_Initialize`` without locking flags, and SoftHSM then turns its
 own locks off: two threads inside the module at once crash the process. So every PKCS#11 call in a
-process runs on ONE worker thread owned by a process-wide runtime (one per module path), shared by
-every ``Pkcs11Hsm`` opened in the process. Async methods hand work to that thread and await it on
-the caller's event loop, so one adapter serves many tasks, threads and event loops.
+process holds the runtime's lock (one runtime per module path, shared by every ``Pkcs11Hsm``
+opened in the process), and almost all of them run on the runtime's ONE worker thread. Async
+methods hand work to that thread and await it on the caller's event loop, so one adapter serves
+many tasks, threads and event loops.
+
+Inline signing (docs/adr/0013). For a module that computes in this process (SoftHSM), ``C_Sign``
+is ≈ 60 µs of CPU and returns the GIL while it runs; but to go on, the HSM thread must win the GIL
+back from a busy event loop, which hands it over only every ``sys.getswitchinterval()`` (5 ms).
+Measured here: a thread signing alone makes 14-16k signatures/s, beside one busy Python thread
+500-1,000/s. So with ``signing="inline"`` (the default for SoftHSM) signatures are made on the
+caller's event loop itself, in slices of about ``INLINE_SLICE_SECONDS`` between which the loop
+runs other work, whenever the runtime's lock is free; when the HSM thread is busy (a key being
+generated) they go to it as before. A module that waits on a network (most hardware HSMs) should
+keep ``signing="thread"``: inline, its waits would stall the loop.
 
 Module lifetime. python-pkcs11 loads a module once per process (``pkcs11.lib`` caches it by path)
 and SoftHSM reads its token directory only in ``C_Initialize``, so a token initialised after that
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -44,6 +56,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from kms.domain.keys import Algorithm
 from kms.errors import FailedPrecondition, HsmError, InvalidArgument, NotFound
+from kms.hsm.direct import CKM_ECDSA, CKM_EDDSA, DirectSigner
 from kms.ports import GeneratedKeyPair
 
 _log = logging.getLogger(__name__)
@@ -51,6 +64,28 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HSM_ID_SIZE = 16
+
+# Session copies of token signing keys (_Runtime.session_copies): their CKA_ID, and how long
+# one serves before it is copied again from the token object (which notices a key destroyed by
+# another process; until then key state in etcd, not the HSM, stops its use).
+SESSION_COPY_ID_PREFIX = b"signet-session-copy/"
+SESSION_COPY_MAX_AGE = 30.0
+
+# Inline signing (module docstring): how long one slice may hold the event loop, and the modes.
+INLINE_SLICE_SECONDS = 0.002
+SIGNING_MODES = ("auto", "inline", "thread")
+
+
+def inline_signing(mode: str, module_path: str) -> bool:
+    """Whether ``mode`` signs on the event loop for ``module_path``: "inline" yes, "thread"
+    no, "auto" only for SoftHSM (which computes in this process). Raises ``InvalidArgument``
+    for another mode."""
+    if mode not in SIGNING_MODES:
+        raise InvalidArgument(f"HSM signing mode must be one of {', '.join(SIGNING_MODES)}, "
+                              f"not {mode!r}")
+    if mode == "auto":
+        return "softhsm" in os.path.basename(module_path).lower()
+    return mode == "inline"
 
 # DER-encoded CKA_EC_PARAMS (namedCurve OIDs).
 EC_PARAMS_P256 = bytes.fromhex("06082a8648ce3d030107")  # 1.2.840.10045.3.1.7 (prime256v1)
@@ -221,6 +256,16 @@ def check_digest(algorithm: Algorithm, digest: bytes) -> None:
 
 
 @dataclass
+class _SigningKey:
+    """What signs for one CKA_ID: a session copy of the token private key (``copied_at`` its
+    monotonic time), or the token object itself (``copied_at`` None)."""
+
+    key: Any  # python-pkcs11 PrivateKey
+    key_type: KeyType
+    copied_at: float | None = None
+
+
+@dataclass
 class _OpenToken:
     """A logged-in session to one token, shared by every adapter of that token in the process."""
 
@@ -228,7 +273,7 @@ class _OpenToken:
     session: Any  # pkcs11.Session
     pin_digest: bytes | None  # None when someone else in the process had logged in already
     users: int = 0
-    private_keys: dict[bytes, tuple[Any, KeyType]] = field(default_factory=dict)
+    private_keys: dict[bytes, _SigningKey] = field(default_factory=dict)
     # Kept (in memory only, never logged) to log in again after a re-index; see ``reindex``.
     pin: str | None = field(default=None, repr=False)
 
@@ -239,19 +284,31 @@ class _Runtime:
     def __init__(self, module_path: str) -> None:
         self.module_path = module_path
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        # Held by whoever is inside the module: a job on the worker thread, or an inline
+        # signing slice on an event loop (see the module docstring).
+        self.lock = threading.Lock()
         self.users = 0  # adapters opened or opening; guarded by _RUNTIMES_LOCK
         self.lib: Any = None
+        self.direct: DirectSigner | None = None  # kms.hsm.direct, once the module is loaded
         self.tokens: dict[str, _OpenToken] = {}  # touched only on the worker thread
         # SoftHSM's file store can miss token objects another process created while this one
         # was writing (it records the shared generation counter as seen after its own write),
         # until some later write elsewhere. Re-initialising the module re-reads the token.
-        self.reindex_on_missing = "softhsm" in os.path.basename(module_path).lower()
+        software = "softhsm" in os.path.basename(module_path).lower()
+        self.reindex_on_missing = software
+        # SoftHSM re-reads a token object's generation file on every use (open, fcntl locks,
+        # read, close): signing with a session copy costs ≈30 % less CPU (docs/adr/0013).
+        self.session_copies = software
         self.last_reindex = -math.inf
         # The previous runtime of this module may still be finalising on its own thread.
         self.predecessor = _LAST_FINALIZE.get(module_path)
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
-        return self.executor.submit(fn)
+        def locked() -> T:
+            with self.lock:
+                return fn()
+
+        return self.executor.submit(locked)
 
     # Everything below runs on the worker thread.
 
@@ -272,6 +329,11 @@ class _Runtime:
                 lib.initialize()
             _INITIALISED_IN[self.module_path] = pid
             self.lib = lib
+            try:
+                self.direct = DirectSigner(self.module_path)
+            except (OSError, AttributeError) as exc:
+                _log.warning("signing through python-pkcs11 only (%s): %s",
+                             self.module_path, exc)
         return self.lib
 
     def attach(self, label: str, pin: str) -> _OpenToken:
@@ -457,11 +519,13 @@ class Pkcs11Hsm:
         opened: _OpenToken,
         *,
         id_source: Callable[[int], bytes],
+        inline: bool = False,
     ) -> None:
         """Use ``open`` or ``open_blocking``."""
         self._runtime = runtime
         self._opened = opened
         self._id_source = id_source
+        self.inline = inline
         self._closed = False
         self._close_lock = threading.Lock()
         # Single signatures waiting for the HSM thread, per event loop (see sign_digest).
@@ -481,10 +545,14 @@ class Pkcs11Hsm:
         pin: str,
         *,
         id_source: Callable[[int], bytes] = os.urandom,
+        signing: str = "auto",
     ) -> Pkcs11Hsm:
         """Find the token labelled ``token_label`` (retrying transient failures with backoff)
-        and log in with ``pin``. Raises ``HsmError`` if the module cannot be loaded, the token
-        is not there, or the PIN is rejected (the message never contains the PIN)."""
+        and log in with ``pin``. ``signing`` is "auto", "inline" or "thread" (see the module
+        docstring). Raises ``HsmError`` if the module cannot be loaded, the token is not there,
+        or the PIN is rejected (the message never contains the PIN); ``InvalidArgument`` for
+        an unknown signing mode."""
+        inline = inline_signing(signing, module_path)
         runtime = _acquire_runtime(module_path)
         try:
             opened = await asyncio.wrap_future(
@@ -493,7 +561,7 @@ class Pkcs11Hsm:
         except BaseException:
             await _await_release(runtime)
             raise
-        return cls(runtime, opened, id_source=id_source)
+        return cls(runtime, opened, id_source=id_source, inline=inline)
 
     @classmethod
     def open_blocking(
@@ -503,8 +571,10 @@ class Pkcs11Hsm:
         pin: str,
         *,
         id_source: Callable[[int], bytes] = os.urandom,
+        signing: str = "auto",
     ) -> Pkcs11Hsm:
         """``open`` for callers without an event loop (CLI, fixtures). Same errors."""
+        inline = inline_signing(signing, module_path)
         runtime = _acquire_runtime(module_path)
         try:
             opened = runtime.submit(lambda: runtime.attach(token_label, pin)).result()
@@ -513,7 +583,7 @@ class Pkcs11Hsm:
             if last is not None:
                 last.result()
             raise
-        return cls(runtime, opened, id_source=id_source)
+        return cls(runtime, opened, id_source=id_source, inline=inline)
 
     async def close(self) -> None:
         """Close this adapter's use of the session; the last adapter of the process logs out,
@@ -586,20 +656,25 @@ class Pkcs11Hsm:
 
     def _flush_signs(self, loop: asyncio.AbstractEventLoop, queue: _SignQueue) -> None:
         """On the loop: send every queued single signature to the HSM thread as one group;
-        when it comes back, resolve the callers and send the next group, or go idle."""
+        when it comes back, resolve the callers and send the next group, or go idle. Inline,
+        sign a slice of the queue here instead and come back after the loop's other work."""
+        if self.inline and queue.items and not self._closed and self._runtime.lock.acquire(
+                blocking=False):
+            try:
+                signed = self._sign_slice_inline(queue.items)
+            finally:
+                self._runtime.lock.release()
+            done, queue.items = queue.items[:len(signed)], queue.items[len(signed):]
+            _resolve(done, signed)
+            loop.call_soon(self._flush_signs, loop, queue)
+            return
         items, queue.items = queue.items, []
         if not items:
             queue.busy = False
             return
 
         def deliver(outcomes: list[bytes | Exception]) -> None:
-            for (_, _, _, future), outcome in zip(items, outcomes, strict=True):
-                if future.done():  # the caller was cancelled meanwhile
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+            _resolve(items, outcomes)
             self._flush_signs(loop, queue)
 
         def work() -> None:
@@ -612,6 +687,20 @@ class Pkcs11Hsm:
         except RuntimeError:  # executor shut down underneath us
             closed = HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
             deliver([closed] * len(items))
+
+    def _sign_slice_inline(
+        self, items: list[tuple[bytes, Algorithm, bytes, asyncio.Future[bytes]]]
+    ) -> list[bytes | Exception]:
+        """Sign queued items from the front for about ``INLINE_SLICE_SECONDS`` (at least one),
+        holding the runtime's lock; cancelled callers are skipped."""
+        deadline = time.perf_counter() + INLINE_SLICE_SECONDS
+        outcomes: list[bytes | Exception] = []
+        for hsm_id, algorithm, digest, future in items:
+            if outcomes and time.perf_counter() > deadline:
+                break
+            outcomes.append(_CANCELLED if future.done()
+                            else self._sign_guarded(hsm_id, algorithm, digest))
+        return outcomes
 
     def _sign_guarded(
         self, hsm_id: bytes, algorithm: Algorithm, digest: bytes
@@ -632,7 +721,38 @@ class Pkcs11Hsm:
         that fails carries its error (``InvalidArgument``, ``HsmError``) in its place. Errors
         about the key itself (``NotFound``, wrong algorithm) raise for the whole batch."""
         items = list(digests)
+        if self.inline:
+            return await self._sign_many_inline(hsm_id, algorithm, items)
         return await self._call(lambda: self._sign_many(hsm_id, algorithm, items))
+
+    async def _sign_many_inline(
+        self, hsm_id: bytes, algorithm: Algorithm, items: list[bytes]
+    ) -> list[bytes | Exception]:
+        """``sign_digests`` on this event loop, in slices of about ``INLINE_SLICE_SECONDS``
+        with the loop's other work between them; whatever is left when the HSM thread holds
+        the module (a key generation) goes to that thread."""
+        results: list[bytes | Exception] = []
+        size = 8  # digests per slice, adjusted to the measured time per signature
+        while len(results) < len(items):
+            if self._closed:
+                raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
+            rest = items[len(results):]
+            if not self._runtime.lock.acquire(blocking=False):
+                results += await self._call(
+                    functools.partial(self._sign_many, hsm_id, algorithm, rest))
+                break
+            started = time.perf_counter()
+            try:
+                part = rest[:size]
+                results += self._guarded(
+                    functools.partial(self._sign_many, hsm_id, algorithm, part))
+            finally:
+                self._runtime.lock.release()
+            per_signature = (time.perf_counter() - started) / len(part)
+            size = max(1, min(len(items), int(INLINE_SLICE_SECONDS / max(per_signature, 1e-6))))
+            if len(results) < len(items):
+                await asyncio.sleep(0)  # let the loop serve everything else for a moment
+        return results
 
     async def public_key(self, hsm_id: bytes) -> bytes:
         """The DER SubjectPublicKeyInfo of the key pair. Raises ``NotFound``, ``HsmError``."""
@@ -664,17 +784,19 @@ class Pkcs11Hsm:
         if self._closed:
             raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
 
-        def guarded() -> T:
-            try:
-                return self._reindexed(fn)
-            except p11_errors.PKCS11Error as exc:
-                raise self._translate(exc) from None
-
         try:
-            future = self._runtime.submit(guarded)
+            future = self._runtime.submit(lambda: self._guarded(fn))
         except RuntimeError:  # executor shut down underneath us
             raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed") from None
         return await asyncio.wrap_future(future)
+
+    def _guarded(self, fn: Callable[[], T]) -> T:
+        """``fn()`` re-indexed once if its key is missing, PKCS#11 errors translated. Only
+        with the runtime's lock held."""
+        try:
+            return self._reindexed(fn)
+        except p11_errors.PKCS11Error as exc:
+            raise self._translate(exc) from None
 
     def _reindexed(self, fn: Callable[[], T]) -> T:
         """``fn()``; if it finds no key and the module may have missed one another process
@@ -746,11 +868,42 @@ class Pkcs11Hsm:
             public_template=public_template,
             private_template=private_template,
         )
-        self._opened.private_keys[hsm_id] = (private, key_type)
+        self._opened.private_keys[hsm_id] = self._signing_key(hsm_id, private, key_type)
         return GeneratedKeyPair(hsm_id=hsm_id, public_key_der=_public_key_der(public, key_type))
+
+    def _signing_key(self, hsm_id: bytes, private: Any, key_type: KeyType) -> _SigningKey:
+        """A session copy of ``private`` when the module gains by it (``session_copies``),
+        else ``private`` itself. The copy is a session object inside the token (I1 holds):
+        sensitive like its original, under another CKA_ID so that no lookup by the key's id
+        finds it, and gone when the session closes; ``_private_key`` replaces it after
+        ``SESSION_COPY_MAX_AGE`` and ``_forget`` destroys it."""
+        if self._runtime.session_copies:
+            try:
+                copy = private.copy({Attribute.TOKEN: False,
+                                     Attribute.ID: SESSION_COPY_ID_PREFIX + hsm_id})
+            except p11_errors.PKCS11Error as exc:
+                _log.debug("signing with the token object of %s: copy refused (%s)",
+                           hsm_id.hex(), _describe(exc))
+            else:
+                with contextlib.suppress(p11_errors.PKCS11Error):
+                    copy[Attribute.EXTRACTABLE] = False  # never needed to sign
+                return _SigningKey(copy, key_type, time.monotonic())
+        return _SigningKey(private, key_type)
+
+    def _forget(self, hsm_id: bytes) -> None:
+        """Drop the cached signing key of ``hsm_id``, destroying its session copy."""
+        cached = self._opened.private_keys.pop(hsm_id, None)
+        if cached is not None and cached.copied_at is not None:
+            with contextlib.suppress(p11_errors.PKCS11Error):
+                cached.key.destroy()
 
     def _private_key(self, hsm_id: bytes, algorithm: Algorithm) -> Any:
         cached = self._opened.private_keys.get(hsm_id)
+        if (cached is not None and cached.copied_at is not None
+                and time.monotonic() - cached.copied_at > SESSION_COPY_MAX_AGE):
+            # Copy again from the token object: one destroyed elsewhere is noticed here.
+            self._forget(hsm_id)
+            cached = None
         if cached is None:
             refused = self._refused.get(hsm_id)
             if refused is not None:
@@ -764,9 +917,9 @@ class Pkcs11Hsm:
                     f"signing-key attribute policy ({'; '.join(broken)}); Signet refuses to "
                     "sign with it (docs/adr/0012)")
                 raise refused
-            cached = (private, private.key_type)
+            cached = self._signing_key(hsm_id, private, private.key_type)
             self._opened.private_keys[hsm_id] = cached
-        private, key_type = cached
+        private, key_type = cached.key, cached.key_type
         if key_type != _KEY_TYPES[algorithm]:
             raise InvalidArgument(
                 f"HSM key {hsm_id.hex()} is a {getattr(key_type, 'name', key_type)} key and "
@@ -777,23 +930,24 @@ class Pkcs11Hsm:
     def _sign_one(self, hsm_id: bytes, algorithm: Algorithm, digest: bytes) -> bytes:
         private = self._private_key(hsm_id, algorithm)
         try:
-            return _sign_with(private, algorithm, digest)
+            return _sign_with(private, algorithm, digest, self._runtime.direct)
         except _KEY_MISSING:
             # Destroyed by another process since we looked it up.
-            self._opened.private_keys.pop(hsm_id, None)
+            self._forget(hsm_id)
             raise
 
     def _sign_many(
         self, hsm_id: bytes, algorithm: Algorithm, digests: list[bytes]
     ) -> list[bytes | Exception]:
         private = self._private_key(hsm_id, algorithm)
+        direct = self._runtime.direct
         results: list[bytes | Exception] = []
         for digest in digests:
             try:
                 check_digest(algorithm, digest)
-                results.append(_sign_with(private, algorithm, digest))
+                results.append(_sign_with(private, algorithm, digest, direct))
             except _KEY_MISSING:
-                self._opened.private_keys.pop(hsm_id, None)
+                self._forget(hsm_id)
                 raise
             except p11_errors.PKCS11Error as exc:
                 results.append(self._translate(exc))
@@ -806,7 +960,7 @@ class Pkcs11Hsm:
         return _public_key_der(public, public.key_type)
 
     def _destroy(self, hsm_id: bytes) -> None:
-        self._opened.private_keys.pop(hsm_id, None)
+        self._forget(hsm_id)
         for obj in list(self._opened.session.get_objects({Attribute.ID: hsm_id})):
             with contextlib.suppress(*_KEY_MISSING):
                 obj.destroy()
@@ -848,18 +1002,42 @@ def signing_key_violations(attributes: dict[str, bool]) -> list[str]:
             if attributes.get(name) is not want]
 
 
+_CANCELLED = HsmError("not signed: the caller gave up")
+
+
+def _resolve(items: Sequence[tuple[bytes, Algorithm, bytes, asyncio.Future[bytes]]],
+             outcomes: Sequence[bytes | Exception]) -> None:
+    for (_, _, _, future), outcome in zip(items, outcomes, strict=True):
+        if future.done():  # the caller was cancelled meanwhile
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 async def _await_release(runtime: _Runtime) -> None:
     last = _release_runtime(runtime)
     if last is not None:
         await asyncio.wrap_future(last)
 
 
-def _sign_with(private: Any, algorithm: Algorithm, digest: bytes) -> bytes:
+def _sign_with(private: Any, algorithm: Algorithm, digest: bytes,
+               direct: DirectSigner | None = None) -> bytes:
+    """Sign through ``direct`` when it can (kms.hsm.direct); otherwise, or when the module
+    refuses there, through python-pkcs11, which raises the precise error."""
     if algorithm is Algorithm.ECDSA_P256_SHA256:
         # SoftHSM 2.6.1 has no CKM_ECDSA_SHA256: CKM_ECDSA signs the digest as given.
-        return ecdsa_raw_to_der(private.sign(digest, mechanism=Mechanism.ECDSA))
+        raw = (None if direct is None
+               else direct.sign(private.session.handle, private.handle, CKM_ECDSA, digest))
+        if raw is None:
+            raw = private.sign(digest, mechanism=Mechanism.ECDSA)
+        return ecdsa_raw_to_der(raw)
     if algorithm is Algorithm.ED25519:
-        signature: bytes = private.sign(digest, mechanism=Mechanism.EDDSA)
+        signature = (None if direct is None
+                     else direct.sign(private.session.handle, private.handle, CKM_EDDSA, digest))
+        if signature is None:
+            signature = private.sign(digest, mechanism=Mechanism.EDDSA)
         return signature
     signature = private.sign(
         digest,

@@ -194,7 +194,9 @@ class DevCluster:
                          "tls": {"ca": str(ca.cert_path), "cert": str(certs["etcd-client"][0]),
                                  "key": str(certs["etcd-client"][1])}},
                 "hsm": {"module": token.module_path, "token_label": token.label,
-                        "pin_file": str(user_pin_path)},
+                        "pin_file": str(user_pin_path),
+                        **dict((signer_settings or {}).get("hsm", {})),  # type: ignore[call-overload]
+                        },
                 # Stands in for the onboarding ceremony in development (kms.replication).
                 "multi_region": {"bootstrap_register": True},
                 "lease_ttl_seconds": 5,
@@ -208,7 +210,7 @@ class DevCluster:
                               "reports_dir": str(self.state_dir / "drills")},
                 "telemetry": {"metrics_listen": persistent_endpoint(signer.directory,
                                                                     "metrics-endpoint")},
-                **(signer_settings or {}),
+                **{k: v for k, v in (signer_settings or {}).items() if k != "hsm"},
             }, sort_keys=False))
             if signer.running:
                 say(f"signer already running at {signer.endpoint}")

@@ -16,12 +16,13 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, ObjectClass
 
 from kms.domain.keys import Algorithm
 from kms.errors import HsmError, InvalidArgument, NotFound
-from kms.hsm.pkcs11 import Pkcs11Hsm
+from kms.hsm.direct import CKM_ECDSA, CKM_EDDSA
+from kms.hsm.pkcs11 import SESSION_COPY_ID_PREFIX, Pkcs11Hsm
 from signer.dev.softhsm import CONF_TEMPLATE, init_token, token_labels
 from tests.fixtures.softhsm import SoftHsmTestToken
 
@@ -299,8 +300,9 @@ def test_destroy_removes_both_objects(hsm: Pkcs11Hsm) -> None:
             await hsm.public_key(doomed.hsm_id)
         remaining = await hsm.run_with_session(
             lambda session: list(session.get_objects({Attribute.ID: doomed.hsm_id}))
+            + list(session.get_objects({Attribute.ID: SESSION_COPY_ID_PREFIX + doomed.hsm_id}))
         )
-        assert remaining == []
+        assert remaining == []  # the token pair and the session copy signing used
         await hsm.destroy_key_pair(doomed.hsm_id)  # already gone: fine
         await hsm.sign_digest(kept.hsm_id, algorithm, digest_of("others unaffected"))
 
@@ -519,3 +521,101 @@ def _in_forked_child(body: Callable[[], None]) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.ECDSA_P256_SHA256, Algorithm.ED25519],
+                         ids=lambda a: a.short_name)
+def test_direct_c_sign_signs_like_python_pkcs11_and_refuses_cleanly(
+    hsm: Pkcs11Hsm, algorithm: Algorithm
+) -> None:
+    """The one-call C_Sign path (kms.hsm.direct) makes valid signatures, and a refusal leaves
+    no operation active: the next signature on the same session still works."""
+    direct = hsm._runtime.direct
+    assert direct is not None  # SoftHSM exports C_GetFunctionList
+    mechanism = CKM_ECDSA if algorithm is Algorithm.ECDSA_P256_SHA256 else CKM_EDDSA
+    digest = digest_of("direct")
+
+    async def scenario() -> tuple[bytes, bytes | None, bytes | None, bytes | None]:
+        pair = await hsm.generate_key_pair(label="direct", algorithm=algorithm,
+                                           extractable=False)
+
+        def sign_three(session: Any) -> tuple[bytes | None, bytes | None, bytes | None]:
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=pair.hsm_id)
+            good = direct.sign(session.handle, private.handle, mechanism, digest)
+            unknown_key = direct.sign(session.handle, 0x7FFFFFF0, mechanism, digest)
+            again = direct.sign(session.handle, private.handle, mechanism, digest)
+            return good, unknown_key, again
+
+        return (pair.public_key_der, *await hsm.run_with_session(sign_three))
+
+    public_der, good, unknown_key, again = run(scenario())
+    assert unknown_key is None
+    for raw in (good, again):
+        assert raw is not None
+        signature = (raw if algorithm is Algorithm.ED25519
+                     else encode_dss_signature(int.from_bytes(raw[:32], "big"),
+                                               int.from_bytes(raw[32:], "big")))
+        verify(public_der, algorithm, digest, signature)
+
+
+def test_softhsm_signs_with_a_sensitive_session_copy_under_its_own_id(hsm: Pkcs11Hsm) -> None:
+    """The copy that signs (docs/adr/0013) is a session object as sensitive as its token
+    original, and invisible to every lookup by the key's own id."""
+    algorithm = Algorithm.ECDSA_P256_SHA256
+
+    async def scenario() -> tuple[list[dict[str, Any]], int, bytes]:
+        pair = await hsm.generate_key_pair(label="copied", algorithm=algorithm,
+                                           extractable=True)  # multi-region: extractable
+        signature = await hsm.sign_digest(pair.hsm_id, algorithm, digest_of("copied"))
+        verify(pair.public_key_der, algorithm, digest_of("copied"), signature)
+
+        def inspect(session: Any) -> tuple[list[dict[str, Any]], int]:
+            copies = list(session.get_objects(
+                {Attribute.ID: SESSION_COPY_ID_PREFIX + pair.hsm_id}))
+            found = []
+            for copy in copies:
+                try:
+                    copy[Attribute.VALUE]
+                    readable = True
+                except Exception:  # any refusal will do
+                    readable = False
+                found.append({"token": copy[Attribute.TOKEN],
+                              "sensitive": copy[Attribute.SENSITIVE],
+                              "sign": copy[Attribute.SIGN], "value_readable": readable})
+            by_key_id = len(list(session.get_objects({Attribute.ID: pair.hsm_id,
+                                                      Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
+            return found, by_key_id
+
+        found, by_key_id = await hsm.run_with_session(inspect)
+        return found, by_key_id, pair.hsm_id
+
+    found, by_key_id, _ = run(scenario())
+    assert found == [{"token": False, "sensitive": True, "sign": True, "value_readable": False}]
+    assert by_key_id == 1  # only the token private key
+
+
+def test_a_session_copy_is_replaced_from_the_token_object_when_it_ages(
+    hsm: Pkcs11Hsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token key destroyed behind this process's back (another worker destroyed it) stops
+    signing here once the copy is older than SESSION_COPY_MAX_AGE: the new copy is refused."""
+    algorithm = Algorithm.ECDSA_P256_SHA256
+
+    async def scenario() -> None:
+        pair = await hsm.generate_key_pair(label="aging", algorithm=algorithm,
+                                           extractable=False)
+        await hsm.sign_digest(pair.hsm_id, algorithm, digest_of("fresh copy"))
+
+        def destroy_token_pair_only(session: Any) -> None:
+            for obj in list(session.get_objects({Attribute.ID: pair.hsm_id})):
+                obj.destroy()
+
+        await hsm.run_with_session(destroy_token_pair_only)
+        monkeypatch.setattr("kms.hsm.pkcs11.SESSION_COPY_MAX_AGE", 0.0)
+        with pytest.raises(NotFound):
+            await hsm.sign_digests(pair.hsm_id, algorithm, [digest_of("after")])
+        leftover = await hsm.run_with_session(lambda session: list(session.get_objects(
+            {Attribute.ID: SESSION_COPY_ID_PREFIX + pair.hsm_id})))
+        assert leftover == []  # the old copy was destroyed, not just forgotten
+
+    run(scenario())

@@ -57,6 +57,20 @@ def _sign_loop(job: dict[str, Any], out: Any) -> None:
             mechanism_param = (Mechanism.SHA256, MGF.SHA256, 32)
         key: Any = private  # python-pkcs11's SignMixin; its stubs do not say so
         digest = os.urandom(32)
+        if job.get("direct") and algorithm != "rsa-pss-3072":
+            # One C_SignInit + C_Sign per signature, as the signer does (kms/hsm/direct.py).
+            from kms.hsm.direct import CKM_ECDSA, CKM_EDDSA, DirectSigner
+
+            signer = DirectSigner(module)
+            mech = CKM_ECDSA if algorithm == "ecdsa-p256" else CKM_EDDSA
+            opened: Any = session  # python-pkcs11's stubs lack the handles
+            session_handle, key_handle = opened.handle, key.handle
+
+            def sign_once() -> None:
+                signer.sign(session_handle, key_handle, mech, digest)
+        else:
+            def sign_once() -> None:
+                key.sign(digest, mechanism=mechanism, mechanism_param=mechanism_param)
         while time.time() < start_at:
             time.sleep(0.005)
         count = 0
@@ -65,21 +79,23 @@ def _sign_loop(job: dict[str, Any], out: Any) -> None:
         end = start_at + seconds
         while time.time() < end:
             for _ in range(per_check):
-                key.sign(digest, mechanism=mechanism, mechanism_param=mechanism_param)
+                sign_once()
             count += per_check
         out.put((count, time.perf_counter() - began, time.process_time() - cpu0))
 
 
 def softhsm_ceiling(*, conf: str, module: str, label: str, pin: str, algorithm: str,
-                    processes: int, seconds: float) -> dict[str, Any]:
-    """Signatures per second of ``processes`` processes signing at once (all cores)."""
+                    processes: int, seconds: float, direct: bool = False) -> dict[str, Any]:
+    """Signatures per second of ``processes`` processes signing at once (all cores), through
+    python-pkcs11 or, with ``direct``, one ctypes C_Sign per signature (kms/hsm/direct.py)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start_at = time.time() + 2.0 + (2.0 if algorithm == "rsa-pss-3072" else 0.0)
     workers = [
         context.Process(target=_sign_loop, args=({
             "conf": conf, "module": module, "label": label, "pin": pin,
-            "algorithm": algorithm, "start_at": start_at, "seconds": seconds}, results))
+            "algorithm": algorithm, "start_at": start_at, "seconds": seconds,
+            "direct": direct}, results))
         for _ in range(processes)
     ]
     for worker in workers:
@@ -101,6 +117,7 @@ def softhsm_ceiling(*, conf: str, module: str, label: str, pin: str, algorithm: 
     per_process = [count / elapsed for count, elapsed, _ in outcomes]
     return {
         "algorithm": algorithm, "processes": processes, "seconds": seconds,
+        "binding": "ctypes C_Sign (kms/hsm/direct.py)" if direct else "python-pkcs11",
         "signatures_per_second": sum(per_process),
         "per_process": [round(x, 1) for x in per_process],
         "cpu_seconds": sum(cpu for _, _, cpu in outcomes),

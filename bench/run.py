@@ -307,7 +307,7 @@ def run(soak_seconds: float, quick: bool) -> dict[str, Any]:
     return results
 
 
-def ceilings(hsm: dict[str, str], cores: int, quick: bool) -> dict[str, Any]:
+def ceilings(hsm: dict[str, Any], cores: int, quick: bool) -> dict[str, Any]:
     """(a): raw openssl on one core, and SoftHSM via python-pkcs11 on every core."""
     out: dict[str, Any] = {}
     for algorithm in KEYS:
@@ -317,11 +317,16 @@ def ceilings(hsm: dict[str, str], cores: int, quick: bool) -> dict[str, Any]:
         softhsm = softhsm_ceiling(**hsm, algorithm=algorithm, processes=cores, seconds=span)
         one = softhsm_ceiling(**hsm, algorithm=algorithm, processes=1, seconds=span) \
             if primary else None
+        # The stricter ceiling: the same loop with the signer's own one-C_Sign binding.
+        direct = softhsm_ceiling(**hsm, algorithm=algorithm, processes=cores, seconds=span,
+                                 direct=True) if algorithm != "rsa-pss-3072" else None
         say(f"ceiling {algorithm}: openssl {openssl['signatures_per_second']:.0f}/s per core; "
             f"SoftHSM {softhsm['signatures_per_second']:.0f}/s on {cores} processes"
-            + (f", {one['signatures_per_second']:.0f}/s on one" if one else ""))
+            + (f", {one['signatures_per_second']:.0f}/s on one" if one else "")
+            + (f"; one C_Sign per signature {direct['signatures_per_second']:.0f}/s"
+               if direct else ""))
         out[algorithm] = {"openssl_one_core": openssl, "softhsm_all_cores": softhsm,
-                          "softhsm_one_process": one}
+                          "softhsm_one_process": one, "softhsm_all_cores_direct": direct}
     return out
 
 
@@ -421,6 +426,11 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
                 for s, r in results["sign_batch"][name].items()},
             "softhsm_ceiling_over_openssl_all_cores": round(softhsm / (openssl * cores), 3),
         }
+        direct = (ceiling.get("softhsm_all_cores_direct") or {}).get("signatures_per_second")
+        if direct:
+            out[name]["sign_batch_over_direct_ceiling"] = {
+                s: round(r["items_per_second"] / direct, 3)
+                for s, r in results["sign_batch"][name].items()}
     return out
 
 

@@ -50,9 +50,7 @@ class Algorithm(enum.Enum):
     def digest_algorithms(self) -> frozenset[DigestAlgorithm]:
         """Digest algorithms this key signs. ECDSA and RSA-PSS are bound to SHA-256 by name;
         Ed25519 signs the digest bytes as its message, so any supported digest works."""
-        if self is Algorithm.ED25519:
-            return frozenset(DigestAlgorithm)
-        return frozenset({DigestAlgorithm.SHA256})
+        return _SIGNED_DIGESTS[self._value_]
 
     @property
     def wrappable(self) -> bool:
@@ -67,9 +65,8 @@ class DigestAlgorithm(enum.Enum):
 
     @property
     def size(self) -> int:
-        return {DigestAlgorithm.SHA256: 32, DigestAlgorithm.SHA384: 48, DigestAlgorithm.SHA512: 64}[
-            self
-        ]
+        # Keyed by value: an Enum member hashes in Python, a str in C (once per signed digest).
+        return _DIGEST_SIZES[self._value_]
 
     @classmethod
     def parse(cls, name: str) -> DigestAlgorithm:
@@ -80,6 +77,14 @@ class DigestAlgorithm(enum.Enum):
             raise InvalidArgument(
                 f"unknown digest algorithm {name!r}; use one of: {choices}"
             ) from None
+
+
+_DIGEST_SIZES = {"sha256": 32, "sha384": 48, "sha512": 64}
+_SIGNED_DIGESTS = {
+    Algorithm.ECDSA_P256_SHA256.value: frozenset({DigestAlgorithm.SHA256}),
+    Algorithm.ED25519.value: frozenset(DigestAlgorithm),
+    Algorithm.RSA_PSS_3072_SHA256.value: frozenset({DigestAlgorithm.SHA256}),
+}
 
 
 @dataclass(frozen=True)

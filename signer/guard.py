@@ -7,6 +7,10 @@ Every unary RPC except health checks and reflection passes through :class:`Guard
   limit and after how many milliseconds a token is back (also in the trailing metadata
   ``signet-retry-after-ms``).
 - **Concurrency**: at most ``per_identity_concurrency`` calls of one identity in flight.
+- **Draining**: once a stopping signer calls :meth:`GuardInterceptor.drain`, new calls are
+  answered ``UNAVAILABLE`` (nothing was done: retry elsewhere) while the calls in flight finish;
+  ``drain`` returns when none is left. gRPC's own shutdown would cancel calls it had received
+  but not yet handed to a handler, and raw clients would see ``CANCELLED``.
 - **Denials are audited**: every ``PERMISSION_DENIED`` / ``UNAUTHENTICATED`` the servicers
   answer becomes an audit ``security`` entry (identity, method, key, reason; never a payload).
   A token bucket per identity and one for the whole process bound how many are written, so a
@@ -22,6 +26,7 @@ process). Identity comes from the client certificate exactly as the servicers re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -186,7 +191,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self._rate = (_Buckets(config.per_identity_rps, config.per_identity_burst)
                       if config.per_identity_rps > 0 else None)
         self._inflight: dict[str, int] = {}
-        self.rejected = {"rate": 0, "concurrency": 0}
+        self._total = 0  # calls in flight, every identity
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.rejected = {"rate": 0, "concurrency": 0, "draining": 0}
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new calls from now on and wait, at most ``timeout`` seconds, until the calls
+        in flight have finished. Returns how many were still running at the timeout."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        return self._total
 
     async def intercept_service(
         self,
@@ -204,9 +222,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         inner: Any = handler.unary_unary
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._draining:
+                self.rejected["draining"] += 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, (
+                    "this signer is stopping and takes no new calls; nothing was done, retry "
+                    "(another signer or region answers)"))
             identity = _identity(context, self._insecure)
             await self._admit(identity, context)
             self._inflight[identity] = self._inflight.get(identity, 0) + 1
+            self._total += 1
+            self._idle.clear()
             try:
                 return await inner(request, context)
             except BaseException:
@@ -224,6 +249,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     self._inflight[identity] = left
                 else:
                     del self._inflight[identity]
+                self._total -= 1
+                if not self._total:
+                    self._idle.set()
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,

@@ -109,10 +109,17 @@ class RunningSigner:
     store: EtcdKeyStateStore
     background: list[asyncio.Task[None]]
     audit: AuditLog
+    guard: GuardInterceptor
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain, then stop: health says NOT_SERVING, new calls get UNAVAILABLE (retry
+        elsewhere), calls in flight finish (at most ``grace`` seconds), and only then does
+        the gRPC server shut down and everything behind it close."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        left = await self.guard.drain(grace)
+        if left:
+            log.warning("stopping with %d calls still running after %g s", left, grace)
+        await self.server.stop(0.5)
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
@@ -329,7 +336,7 @@ async def _listen(server: grpc.aio.Server, config: ServerConfig) -> int:
 
 
 def _grpc_server(config: ServerConfig, health: HealthServicer
-                 ) -> tuple[grpc.aio.Server, DenialAuditor]:
+                 ) -> tuple[grpc.aio.Server, DenialAuditor, GuardInterceptor]:
     """The gRPC server with health and reflection, and its interceptors: per-identity limits
     and audited denials (docs/adr/0012) inside telemetry when that is on, so refused calls
     still show in the metrics. The auditor writes once the audit log is attached."""
@@ -349,7 +356,7 @@ def _grpc_server(config: ServerConfig, health: HealthServicer
          reflection.SERVICE_NAME),
         server,
     )
-    return server, denials
+    return server, denials, guard
 
 
 async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> RunningSigner:
@@ -367,7 +374,7 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
     if not config.ceremonies_required:
         log.warning(NO_CEREMONIES_WARNING)
     health = HealthServicer()
-    server, denials = _grpc_server(config, health)
+    server, denials, guard = _grpc_server(config, health)
     await _set_health(health, serving=False)
     services = _Services(attestation=None if config.attestation is None else Deferred())
     _add_services(server, config, services)
@@ -452,7 +459,7 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
                                           name="gauges"))
     log.info("serving: HSM token %r open, key state at revision %d",
              config.hsm.token_label, view.revision)
-    return RunningSigner(server, port, health, view, hsm, store, background, audit)
+    return RunningSigner(server, port, health, view, hsm, store, background, audit, guard)
 
 
 async def serve(

@@ -125,6 +125,13 @@ _KEY_MISSING: tuple[type[BaseException], ...] = (
     p11_errors.KeyHandleInvalid,
 )
 
+# The session is gone (the module dropped it, or its login): open it again and log in again.
+_SESSION_LOST: tuple[type[BaseException], ...] = (
+    p11_errors.SessionHandleInvalid,
+    p11_errors.SessionClosed,
+    p11_errors.UserNotLoggedIn,
+)
+
 _PIN_REJECTED: tuple[type[BaseException], ...] = (
     p11_errors.PinIncorrect,
     p11_errors.PinInvalid,
@@ -396,11 +403,17 @@ class _Runtime:
     def reindex_due(self) -> bool:
         return self.reindex_on_missing and time.monotonic() - self.last_reindex > 1.0
 
+    def reopen_due(self) -> bool:
+        """Whether a lost session may be opened again now: at most once a second, and only
+        when this runtime logged in itself (it holds the PIN to log in again)."""
+        return (time.monotonic() - self.last_reindex > 1.0
+                and all(opened.pin is not None for opened in self.tokens.values()))
+
     def reindex(self) -> None:
         """Re-initialise the module so it re-reads every token, then reopen each session
         (logging in again with the PIN it was opened with). At most once a second."""
         self.last_reindex = time.monotonic()
-        _log.info("re-reading HSM token objects (an expected key was not found)")
+        _log.info("re-reading HSM token objects and opening the sessions again")
         for opened in self.tokens.values():
             opened.private_keys.clear()
             with contextlib.suppress(p11_errors.PKCS11Error):
@@ -808,17 +821,24 @@ class Pkcs11Hsm:
                 raise
             self._runtime.reindex()
             return fn()
+        except _SESSION_LOST as lost:
+            if not self._runtime.reopen_due():
+                raise
+            # The module dropped the session (a token reset, an HSM failover, SoftHSM after
+            # its files changed): open it and log in again, then try once more.
+            _log.warning("the session to HSM token %r was lost (%s); opening it again",
+                         self._opened.label, type(lost).__name__)
+            self._runtime.reindex()
+            return fn()
 
     def _translate(self, exc: p11_errors.PKCS11Error) -> Exception:
         label = self._opened.label
         if isinstance(exc, _KEY_MISSING):
             return NotFound(f"no such key in HSM token {label!r}")
-        if isinstance(exc, p11_errors.UserNotLoggedIn):
+        if isinstance(exc, _SESSION_LOST):
             return HsmError(
-                f"the session to HSM token {label!r} is no longer logged in; restart the signer"
-            )
-        if isinstance(exc, p11_errors.SessionHandleInvalid | p11_errors.SessionClosed):
-            return HsmError(f"the session to HSM token {label!r} was lost; restart the signer")
+                f"the session to HSM token {label!r} was lost and opening it again failed "
+                "(retried at most once a second); check the HSM and its PIN")
         return HsmError(f"HSM token {label!r} failed: {_describe(exc)}")
 
     def _generate(

@@ -619,3 +619,25 @@ def test_a_session_copy_is_replaced_from_the_token_object_when_it_ages(
         assert leftover == []  # the old copy was destroyed, not just forgotten
 
     run(scenario())
+
+
+def test_a_lost_session_is_opened_again_without_a_restart(hsm: Pkcs11Hsm) -> None:
+    """The module drops the session (token reset, HSM failover, SoftHSM after its files
+    changed): the next call opens it again, logs in with the PIN it was opened with and
+    succeeds; no operator step (issue 10, chaos)."""
+    algorithm = Algorithm.ECDSA_P256_SHA256
+
+    async def scenario() -> None:
+        pair = await hsm.generate_key_pair(label="survivor", algorithm=algorithm,
+                                           extractable=False)
+        await hsm.sign_digest(pair.hsm_id, algorithm, digest_of("before"))
+        await hsm.run_with_session(lambda session: session.close())  # behind the adapter
+        for name in ("single", "batch"):
+            if name == "single":
+                signature = await hsm.sign_digest(pair.hsm_id, algorithm, digest_of(name))
+            else:
+                (signature,) = await hsm.sign_digests(pair.hsm_id, algorithm, [digest_of(name)])
+            assert isinstance(signature, bytes)
+            verify(pair.public_key_der, algorithm, digest_of(name), signature)
+
+    run(scenario())

@@ -7,7 +7,9 @@ endpoint (the home region's) and move on to the next on ``UNAVAILABLE`` or a dea
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -157,9 +159,14 @@ class SignetClient:
             )
         self._timeout = timeout
         self._attempts = attempts_per_endpoint
-        self._channels = open_channels(endpoints, ca=ca, cert=cert, key=key, insecure=insecure)
+        self._open = functools.partial(open_channels, endpoints, ca=ca, cert=cert, key=key,
+                                       insecure=insecure)
+        self._channels = self._open()
         self._down_until = [0.0] * len(self._channels)  # monotonic; see _call
         self._endpoints = list(endpoints)
+        # sign_many's extra lanes: channels with their own connections, opened on first use.
+        self._lanes: list[list[grpc.Channel]] = []
+        self._lanes_lock = threading.Lock()
 
     @classmethod
     def from_cluster(
@@ -171,7 +178,7 @@ class SignetClient:
         return cls(cluster.endpoints(region), ca=cluster.ca, cert=who.cert, key=who.key, **kwargs)
 
     def close(self) -> None:
-        for channel in self._channels:
+        for channel in [*self._channels, *(c for lane in self._lanes for c in lane)]:
             channel.close()
 
     def __enter__(self) -> SignetClient:
@@ -180,19 +187,21 @@ class SignetClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, invoke: Callable[[grpc.Channel], T]) -> T:
+    def _call(self, invoke: Callable[[grpc.Channel], T],
+              channels: list[grpc.Channel] | None = None) -> T:
         """Try the endpoints in order (the home region's first) and move on only for
         retryable failures (``UNAVAILABLE``, deadline), up to ``attempts_per_endpoint`` passes
         with bounded backoff between passes. An endpoint that just failed that way goes to the
         back of the line for ``FAILOVER_COOLDOWN`` seconds, so a dead or paused region costs
         one timeout now and then, not one per call."""
+        channels = channels or self._channels
         last: grpc.RpcError | None = None
         for attempt in range(self._attempts):
             now = time.monotonic()
-            order = sorted(range(len(self._channels)), key=lambda i: self._down_until[i] > now)
+            order = sorted(range(len(channels)), key=lambda i: self._down_until[i] > now)
             for index in order:
                 try:
-                    result = invoke(self._channels[index])
+                    result = invoke(channels[index])
                 except grpc.RpcError as error:
                     last = error
                     if error.code() not in _RETRYABLE:
@@ -226,12 +235,19 @@ class SignetClient:
         self, key: str, digests: Sequence[Digest], *, version: int | None = None,
         request_id: str | None = None,
     ) -> list[Signature | SignetError]:
+        return self._sign_batch(key, digests, version, request_id, lane=0)
+
+    def _sign_batch(
+        self, key: str, digests: Sequence[Digest], version: int | None,
+        request_id: str | None, *, lane: int,
+    ) -> list[Signature | SignetError]:
         request = signing_pb2.SignBatchRequest(
             key=key, key_version=version or 0, digests=[convert.digest_to_pb(d) for d in digests],
             request_id=request_id or str(uuid.uuid4()),
         )
         response = self._call(
-            lambda ch: signing_pb2_grpc.SigningStub(ch).SignBatch(request, timeout=self._timeout)
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignBatch(request, timeout=self._timeout),
+            self._lane(lane),
         )
         return [
             _signature(item.signature) if item.HasField("signature")
@@ -245,7 +261,9 @@ class SignetClient:
     ) -> list[Signature | SignetError]:
         """Sign any number of digests: split them into ``SignBatch`` calls of ``batch_size``
         with up to ``concurrency`` in flight at once (each fails over like ``sign_batch``),
-        and return one result per digest, in the order given. Batch ``n`` carries request id
+        and return one result per digest, in the order given. The calls in flight go over
+        ``concurrency`` connections of their own (kept for later calls), so that every worker
+        process of a signer gets some of them (docs/adr/0008). Batch ``n`` carries request id
         ``<request_id>/<n>``. A failed call raises its ``SignetError`` once the calls already
         in flight have finished; per-item errors come back in place, as from ``sign_batch``.
         """
@@ -260,9 +278,10 @@ class SignetClient:
                     self.sign_batch(key, chunk, version=version, request_id=f"{base}/{n}")]
         with ThreadPoolExecutor(max_workers=min(concurrency, len(chunks)),
                                 thread_name_prefix="signet-sign-many") as pool:
+            lanes = min(concurrency, len(chunks))
             futures = [
-                pool.submit(self.sign_batch, key, chunk, version=version,
-                            request_id=f"{base}/{n}")
+                pool.submit(self._sign_batch, key, chunk, version, f"{base}/{n}",
+                            lane=n % lanes)
                 for n, chunk in enumerate(chunks)
             ]
             try:
@@ -271,6 +290,15 @@ class SignetClient:
                 for future in futures:
                     future.cancel()  # calls not started yet are not made
                 raise
+
+    def _lane(self, number: int) -> list[grpc.Channel]:
+        """Lane 0 is the client's own channels; lane n > 0 has connections of its own."""
+        if number == 0:
+            return self._channels
+        with self._lanes_lock:
+            while len(self._lanes) < number:
+                self._lanes.append(self._open(own_connections=True))
+            return self._lanes[number - 1]
 
     def public_key(self, key: str, version: int | None = None) -> PublicKey:
         request = signing_pb2.GetPublicKeyRequest(key=key, version=version or 0)

@@ -26,6 +26,7 @@ class FakeSigning(signing_pb2_grpc.SigningServicer):
 
     def __init__(self) -> None:
         self.batches: list[tuple[str, int]] = []
+        self.peers: list[str] = []  # the client's address:port of each batch's connection
         self.in_flight = 0
         self.most_in_flight = 0
         self.fail_request_suffix: str | None = None
@@ -35,6 +36,7 @@ class FakeSigning(signing_pb2_grpc.SigningServicer):
                   context: grpc.ServicerContext) -> signing_pb2.SignBatchResponse:
         with self._lock:
             self.batches.append((request.request_id, len(request.digests)))
+            self.peers.append(context.peer())
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -84,6 +86,20 @@ def test_results_come_back_in_order_from_concurrent_batches(fake: Any) -> None:
     assert sorted(size for _, size in servicer.batches) == sorted([64] * 15 + [40])
     assert sorted(rid for rid, _ in servicer.batches) == sorted(f"job/{n}" for n in range(16))
     assert 1 < servicer.most_in_flight <= 4
+
+
+def test_concurrent_batches_use_a_connection_each_and_keep_them(fake: Any) -> None:
+    """Worker processes share the signer's port (SO_REUSEPORT) and the kernel spreads
+    connections, not calls: sign_many's batches in flight need connections of their own."""
+    servicer, endpoint = fake
+    with SignetClient([endpoint], insecure=True) as client:
+        client.sign_many("release", digests(2000), batch_size=50, concurrency=4)
+        first = set(servicer.peers)
+        servicer.peers.clear()
+        client.sign_many("release", digests(2000), batch_size=50, concurrency=4)
+        again = set(servicer.peers)
+    assert len(first) == 4
+    assert again == first  # the lanes stay open between calls
 
 
 def test_item_errors_stay_in_place(fake: Any) -> None:

@@ -72,19 +72,18 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def _is_etcd(pid: int) -> bool:
-    """Whether ``pid`` is alive and still an etcd process (guards against pid reuse)."""
+    """Whether ``pid`` is alive and still an etcd process (guards against pid reuse).
+
+    Read from ``/proc/<pid>/stat`` alone: while a process exits, its ``cmdline`` reads empty
+    before it becomes a zombie, and a check on it would call an etcd that is still tearing
+    down "gone" (a caller's ``poll()`` then still saw it running)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if not cmdline.split(b"\0")[0].endswith(b"etcd"):
-        return False
-    # A zombie (exited, not yet reaped) no longer runs.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
+    name = stat[stat.find("(") + 1:stat.rfind(")")]
+    state = stat[stat.rfind(")") + 1:].split()[0]
+    return name == "etcd" and state not in ("Z", "X")  # a zombie no longer runs
 
 
 @dataclass(eq=False)

@@ -33,6 +33,7 @@ from kms.tuf.repository import (
     build_timestamp,
     build_trust_bundle,
     is_online_key_listed,
+    pin_targets,
     plan_publication,
 )
 from kms.tuf.signing import HsmMetadataSigner
@@ -196,6 +197,7 @@ class TufPublisher:
         snapshot_bytes = self._published_snapshot
         if plan.targets is not None and plan.snapshot is not None:
             targets_bytes = await self._signer.sign_metadata(plan.targets)
+            pin_targets(plan.snapshot, targets_bytes)
             snapshot_bytes = await self._signer.sign_metadata(plan.snapshot)
             new_bundle = None if previous is not None and (
                 previous.bundle_sha256 == publication.bundle_sha256) else plan.bundle

@@ -11,8 +11,8 @@ Repository shape (consistent snapshots, so every file a client fetches is immuta
   for ``targets``, ``snapshot`` and ``timestamp`` with threshold 1 (any region may publish).
 - ``N.targets.json``: one target, ``trust-bundle.json``, served as
   ``targets/<sha256>.trust-bundle.json``.
-- ``N.snapshot.json`` names the targets version; ``timestamp.json`` names the snapshot
-  version, length and hash, and expires soon (it is re-signed well before).
+- ``N.snapshot.json`` names the targets version, length and SHA-256; ``timestamp.json`` names
+  the snapshot version, length and hash, and expires soon (it is re-signed well before).
 """
 
 from __future__ import annotations
@@ -407,10 +407,21 @@ def build_targets(version: int, expires: float, bundle: bytes) -> Metadata[Targe
 
 
 def build_snapshot(version: int, expires: float, targets_version: int) -> Metadata[Snapshot]:
-    """Unsigned snapshot metadata naming ``targets_version``."""
+    """Unsigned snapshot metadata naming ``targets_version``; ``pin_targets`` adds the signed
+    targets' length and hash once they exist."""
     return Metadata(Snapshot(version=version, spec_version=SPEC_VERSION,
                              expires=_expiry(expires),
                              meta={"targets.json": MetaFile(version=targets_version)}))
+
+
+def pin_targets(snapshot: Metadata[Snapshot], targets_bytes: bytes) -> None:
+    """Record the signed targets file's length and SHA-256 in ``snapshot``, so a client
+    downloads exactly those bytes (and refuses any other, or an endless stream, at that
+    length) rather than trusting only the version inside whatever it received, up to its
+    default size cap."""
+    meta = snapshot.signed.meta["targets.json"]
+    meta.length = len(targets_bytes)
+    meta.hashes = {"sha256": hashlib.sha256(targets_bytes).hexdigest()}
 
 
 def build_timestamp(version: int, expires: float, snapshot_version: int,

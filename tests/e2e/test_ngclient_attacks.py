@@ -285,7 +285,7 @@ ATTACKS = [
            lambda r: _with(r.c, snapshot=r.a.file("snapshot")), PINNED_BY_TIMESTAMP),
     Attack("rollback: an older targets under the newer snapshot", _b_then_snapshot_c,
            lambda r: _with(r.c, targets=r.a.file("targets")),
-           tuf_errors.BadVersionNumberError),
+           tuf_errors.LengthOrHashMismatchError),  # pinned by hash: refused before its version
     Attack("replay: a whole captured older response", _at_b,
            lambda r: r.a.files, tuf_errors.BadVersionNumberError),
     Attack("replay: the trusted response again, after it expired (freeze)", _at_b,
@@ -298,7 +298,7 @@ ATTACKS = [
            lambda r: _with(r.c, snapshot=r.b.file("snapshot")), PINNED_BY_TIMESTAMP),
     Attack("mix-and-match: the trusted targets under a newer snapshot", _b_then_snapshot_c,
            lambda r: _with(r.c, targets=r.b.file("targets")),
-           tuf_errors.BadVersionNumberError),
+           tuf_errors.LengthOrHashMismatchError),  # pinned by hash: refused before its version
     Attack("wrong key: a newer timestamp with its signature bytes altered", _at_b,
            lambda r: _with(r.c, timestamp=_flip_signature(r.c.file("timestamp"))),
            tuf_errors.UnsignedMetadataError),
@@ -308,9 +308,11 @@ ATTACKS = [
     Attack("wrong key: a newer snapshot with its signature bytes altered", _b_then_timestamp_c,
            lambda r: _with(r.c, snapshot=_flip_signature(r.c.file("snapshot"))),
            tuf_errors.LengthOrHashMismatchError),
+    # The snapshot pins targets.json by length and SHA-256: altered bytes are refused by hash
+    # before their signature is looked at, as for the snapshot under the timestamp.
     Attack("wrong key: newer targets with its signature bytes altered", _b_then_snapshot_c,
            lambda r: _with(r.c, targets=_flip_signature(r.c.file("targets"))),
-           tuf_errors.UnsignedMetadataError),
+           tuf_errors.LengthOrHashMismatchError),
     Attack("tampered target: one bundle byte flipped", _at_b,
            lambda r: _with(r.b, bundle=_tampered(r.b.file("bundle"))),
            tuf_errors.LengthOrHashMismatchError, target=True),

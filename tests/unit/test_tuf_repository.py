@@ -4,6 +4,7 @@ store's compare-and-swap."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from kms.tuf.repository import (
     OnlineKey,
     build_root,
     build_trust_bundle,
+    pin_targets,
     plan_publication,
 )
 from kms.tuf.signing import init_root, rotate_root
@@ -82,6 +84,11 @@ def test_first_publication_then_versions_only_move_up() -> None:
     assert (pub.timestamp_version, pub.snapshot_version, pub.targets_version) == (1, 1, 1)
     assert first.targets.signed.version == 1
     assert first.snapshot.signed.meta["targets.json"].version == 1
+    signed_targets = b'{"signed": "targets bytes as signed"}'
+    pin_targets(first.snapshot, signed_targets)
+    pinned = first.snapshot.signed.meta["targets.json"]
+    assert pinned.length == len(signed_targets)
+    assert pinned.hashes == {"sha256": hashlib.sha256(signed_targets).hexdigest()}
 
     # Nothing changed and the timestamp is young: nothing to do.
     assert plan_publication(pub, root_version=1, online_key_ids=[key.key_id],

@@ -32,9 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from kms.domain.keys import Algorithm, Digest, DigestAlgorithm
 from kms.signing import Signature
 from signer.client import SignetClient
-from signer.dev.cluster import DevCluster
 from signer.errors import SignetError
-from tests.fixtures.cluster import RunningCluster
+from tests.fixtures.cluster import RunningCluster, cluster_with_keys
 from tests.fixtures.filesystems import resize
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +41,7 @@ pytestmark = pytest.mark.e2e
 CLEAR = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 REQUEST_DEADLINE = 12.0  # each request retries until acknowledged or this has passed
 SETTINGS = {"ceremonies": {"required": False}}
+P256 = Algorithm.ECDSA_P256_SHA256
 
 
 @dataclass
@@ -189,16 +189,9 @@ def wait_signing(cluster: RunningCluster, since: float, timeout: float = 30.0) -
 
 @pytest.fixture
 def chaos3(tmp_path: Path) -> Iterator[RunningCluster]:
-    dev = DevCluster(tmp_path / "cluster")
-    try:
-        cluster = dev.up(etcd_members=3, log=False, signer_settings=SETTINGS)
-        running = RunningCluster(dev, cluster)
-        with running.client("admin") as admin:
-            admin.create_key("chaos", Algorithm.ECDSA_P256_SHA256)
-            admin.create_key("doomed", Algorithm.ECDSA_P256_SHA256)
+    with cluster_with_keys(tmp_path / "cluster", {"chaos": P256, "doomed": P256},
+                           etcd_members=3, signer_settings=SETTINGS) as running:
         yield running
-    finally:
-        dev.down()
 
 
 def etcd_leader(cluster: RunningCluster) -> int:
@@ -276,15 +269,9 @@ def test_paused_etcd_members_under_load(
 
 @pytest.fixture
 def chaos_workers(tmp_path: Path) -> Iterator[RunningCluster]:
-    dev = DevCluster(tmp_path / "cluster")
-    try:
-        cluster = dev.up(log=False, signer_settings={**SETTINGS, "workers": 2})
-        running = RunningCluster(dev, cluster)
-        with running.client("admin") as admin:
-            admin.create_key("chaos", Algorithm.ECDSA_P256_SHA256)
+    with cluster_with_keys(tmp_path / "cluster", {"chaos": P256},
+                           signer_settings={**SETTINGS, "workers": 2}) as running:
         yield running
-    finally:
-        dev.down()
 
 
 def _children(pid: int) -> list[int]:
@@ -327,17 +314,11 @@ def test_signers_restarted_under_load(
 
 @pytest.fixture
 def chaos_tiny_audit(tmp_path: Path, tiny_filesystem: Path) -> Iterator[RunningCluster]:
-    dev = DevCluster(tmp_path / "cluster")
-    try:
-        cluster = dev.up(log=False, signer_settings={
-            **SETTINGS, "audit": {"directory": str(tiny_filesystem),
-                                  "checkpoint_every_entries": 1000}})
-        running = RunningCluster(dev, cluster)
-        with running.client("admin") as admin:
-            admin.create_key("chaos", Algorithm.ECDSA_P256_SHA256)
+    with cluster_with_keys(tmp_path / "cluster", {"chaos": P256},
+                           signer_settings={
+        **SETTINGS, "audit": {"directory": str(tiny_filesystem),
+                              "checkpoint_every_entries": 1000}}) as running:
         yield running
-    finally:
-        dev.down()
 
 
 def test_a_full_audit_disk_under_load_fails_closed_and_recovers_when_space_is_freed(
@@ -366,15 +347,9 @@ def test_a_full_audit_disk_under_load_fails_closed_and_recovers_when_space_is_fr
 
 @pytest.fixture
 def chaos1(tmp_path: Path) -> Iterator[RunningCluster]:
-    dev = DevCluster(tmp_path / "cluster")
-    try:
-        cluster = dev.up(log=False, signer_settings=SETTINGS)
-        running = RunningCluster(dev, cluster)
-        with running.client("admin") as admin:
-            admin.create_key("chaos", Algorithm.ECDSA_P256_SHA256)
+    with cluster_with_keys(tmp_path / "cluster", {"chaos": P256},
+                           signer_settings=SETTINGS) as running:
         yield running
-    finally:
-        dev.down()
 
 
 def test_a_corrupted_softhsm_token_directory_under_load(

@@ -17,8 +17,7 @@ import pytest
 
 from kms.domain.keys import Algorithm
 from signer._pb.signet.v1 import common_pb2, signing_pb2, signing_pb2_grpc
-from signer.dev.cluster import DevCluster
-from tests.fixtures.cluster import RunningCluster
+from tests.fixtures.cluster import RunningCluster, cluster_with_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -27,16 +26,11 @@ BATCH = 256  # RSA-PSS-3072 signs 200-500/s in SoftHSM here: three batches are 2
 
 @pytest.fixture
 def single(tmp_path: Path) -> Iterator[RunningCluster]:
-    dev = DevCluster(tmp_path / "cluster")
-    try:
-        cluster = dev.up(log=False, signer_settings={"ceremonies": {"required": False}})
-        running = RunningCluster(dev, cluster)
-        with running.client("admin") as admin:
-            admin.create_key("drain-rsa", Algorithm.RSA_PSS_3072_SHA256)
-            admin.create_key("drain", Algorithm.ECDSA_P256_SHA256)
+    with cluster_with_keys(tmp_path / "cluster",
+                           {"drain-rsa": Algorithm.RSA_PSS_3072_SHA256,
+                            "drain": Algorithm.ECDSA_P256_SHA256},
+                           signer_settings={"ceremonies": {"required": False}}) as running:
         yield running
-    finally:
-        dev.down()
 
 
 def _stub(cluster: RunningCluster) -> tuple[grpc.Channel, signing_pb2_grpc.SigningStub]:

@@ -76,6 +76,12 @@ INLINE_SLICE_SECONDS = 0.002
 SIGNING_MODES = ("auto", "inline", "thread")
 
 
+def computes_in_process(module_path: str) -> bool:
+    """Whether the module is a software token working in this process (SoftHSM): the one
+    test behind re-indexing, session copies and inline signing by default."""
+    return "softhsm" in os.path.basename(module_path).lower()
+
+
 def inline_signing(mode: str, module_path: str) -> bool:
     """Whether ``mode`` signs on the event loop for ``module_path``: "inline" yes, "thread"
     no, "auto" only for SoftHSM (which computes in this process). Raises ``InvalidArgument``
@@ -84,7 +90,7 @@ def inline_signing(mode: str, module_path: str) -> bool:
         raise InvalidArgument(f"HSM signing mode must be one of {', '.join(SIGNING_MODES)}, "
                               f"not {mode!r}")
     if mode == "auto":
-        return "softhsm" in os.path.basename(module_path).lower()
+        return computes_in_process(module_path)
     return mode == "inline"
 
 # DER-encoded CKA_EC_PARAMS (namedCurve OIDs).
@@ -301,7 +307,7 @@ class _Runtime:
         # SoftHSM's file store can miss token objects another process created while this one
         # was writing (it records the shared generation counter as seen after its own write),
         # until some later write elsewhere. Re-initialising the module re-reads the token.
-        software = "softhsm" in os.path.basename(module_path).lower()
+        software = computes_in_process(module_path)
         self.reindex_on_missing = software
         # SoftHSM re-reads a token object's generation file on every use (open, fcntl locks,
         # read, close): signing with a session copy costs ≈30 % less CPU (docs/adr/0013).

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from kms import errors
-from kms.domain.keys import Algorithm, Digest, DigestAlgorithm, Key, KeyVersion, VersionState
+from kms.domain.keys import Algorithm, Digest, Key, KeyVersion, VersionState
 from kms.domain.policy import AccessPolicy
 from kms.errors import FailedPrecondition, InvalidArgument, KmsError, NotFound, PermissionDenied
 from kms.ports import AuditRecorder, Hsm, VersionedKey
@@ -288,7 +288,20 @@ class SigningService:
         results: list[Signature | KmsError] = [
             item if isinstance(item, KmsError) else KmsError("not signed") for item in digests
         ]
-        chosen, todo, todo_digests = _choose_version(key, version, digests, results)
+        chosen: KeyVersion | None = None
+        todo: list[int] = []
+        todo_digests: list[Digest] = []
+        for index, item in enumerate(digests):
+            if isinstance(item, KmsError):
+                continue
+            try:
+                key_version = key.signing_version(version, item)
+            except InvalidArgument as error:
+                results[index] = error
+                continue
+            chosen = key_version
+            todo.append(index)
+            todo_digests.append(item)
         if chosen is None:
             return results
         signed = await self._sign_in_hsm(key, chosen, [d.value for d in todo_digests])
@@ -321,37 +334,6 @@ class SigningService:
         for index, sig in zip(audited, signatures, strict=True):
             results[index] = self._result(key, chosen, versioned.mod_revision, sig)
         return results
-
-
-def _choose_version(
-    key: Key, version: int | None, digests: Sequence[Digest | KmsError],
-    results: list[Signature | KmsError],
-) -> tuple[KeyVersion | None, list[int], list[Digest]]:
-    """The version a batch signs with, and the positions and digests it signs. An item whose
-    digest algorithm the key does not sign gets its ``InvalidArgument`` in ``results``; a
-    version that cannot sign at all raises for the whole batch."""
-    chosen: KeyVersion | None = None
-    todo: list[int] = []
-    todo_digests: list[Digest] = []
-    # The version depends on the digest's algorithm only: decide once per algorithm.
-    by_algorithm: dict[DigestAlgorithm, KeyVersion | InvalidArgument] = {}
-    for index, item in enumerate(digests):
-        if isinstance(item, KmsError):
-            continue
-        decided = by_algorithm.get(item.algorithm)
-        if decided is None:
-            try:
-                decided = key.signing_version(version, item)
-            except InvalidArgument as error:
-                decided = error
-            by_algorithm[item.algorithm] = decided
-        if isinstance(decided, InvalidArgument):
-            results[index] = decided
-            continue
-        chosen = decided
-        todo.append(index)
-        todo_digests.append(item)
-    return chosen, todo, todo_digests
 
 
 def _signature_record(signature: Signature) -> dict[str, Any]:

@@ -9,8 +9,8 @@ Every unary RPC except health checks and reflection passes through :class:`Guard
 - **Concurrency**: at most ``per_identity_concurrency`` calls of one identity in flight.
 - **Draining**: once a stopping signer calls :meth:`GuardInterceptor.drain`, new calls are
   answered ``UNAVAILABLE`` (nothing was done: retry elsewhere) while the calls in flight finish;
-  ``drain`` returns when none is left. gRPC's own shutdown would cancel calls it had received
-  but not yet handed to a handler, and raw clients would see ``CANCELLED``.
+  ``drain`` returns when none is left, so the server's shutdown no longer cuts long calls (an
+  RSA batch) off after gRPC's grace period.
 - **Denials are audited**: every ``PERMISSION_DENIED`` / ``UNAUTHENTICATED`` the servicers
   answer becomes an audit ``security`` entry (identity, method, key, reason; never a payload).
   A token bucket per identity and one for the whole process bound how many are written, so a

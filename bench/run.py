@@ -387,7 +387,10 @@ def measure_cluster(state_dir: Path, *, telemetry: bool, seconds: float,
     dev = DevCluster(state_dir)
     try:
         cluster = dev.up(log=False, signer_settings={
-            "workers": cores, "telemetry": {"enabled": telemetry},
+            "workers": cores,
+            # Off means off: no interceptor, wrappers or metrics endpoint.
+            "telemetry": {"enabled": True} if telemetry else {"enabled": False,
+                                                               "metrics_listen": ""},
             "hsm": {"signing": hsm_signing}, **BENCH_LIMITS})
         signer = dev.signers()[0]
         workers = wait_for_workers(signer, cores)

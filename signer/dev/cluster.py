@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -88,6 +89,18 @@ def _secret_file(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def _with_settings(config: dict[str, Any], settings: Mapping[str, object]) -> dict[str, Any]:
+    """``config`` with ``settings`` laid over it, section by section: a section given as a
+    mapping adds to or changes the keys of the generated one (``{"hsm": {"signing": …}}`` keeps
+    the token and PIN file); any other value replaces it."""
+    merged = dict(config)
+    for name, value in settings.items():
+        base = merged.get(name)
+        merged[name] = ({**base, **value} if isinstance(base, dict) and isinstance(value, Mapping)
+                        else value)
+    return merged
 
 
 def _dashboard_token(signer_dir: Path) -> Path:
@@ -185,7 +198,7 @@ class DevCluster:
         for signer in processes:
             region = signer.directory.name.removeprefix("signer-").rsplit("-", 1)[0]
             token, user_pin_path = tokens[region]
-            signer.config_path.write_text(yaml.safe_dump({
+            signer.config_path.write_text(yaml.safe_dump(_with_settings({
                 "region": region,
                 "listen": signer.endpoint,
                 "tls": {"cert": str(certs["signer"][0]), "key": str(certs["signer"][1]),
@@ -194,9 +207,7 @@ class DevCluster:
                          "tls": {"ca": str(ca.cert_path), "cert": str(certs["etcd-client"][0]),
                                  "key": str(certs["etcd-client"][1])}},
                 "hsm": {"module": token.module_path, "token_label": token.label,
-                        "pin_file": str(user_pin_path),
-                        **dict((signer_settings or {}).get("hsm", {})),  # type: ignore[call-overload]
-                        },
+                        "pin_file": str(user_pin_path)},
                 # Stands in for the onboarding ceremony in development (kms.replication).
                 "multi_region": {"bootstrap_register": True},
                 "lease_ttl_seconds": 5,
@@ -210,8 +221,7 @@ class DevCluster:
                               "reports_dir": str(self.state_dir / "drills")},
                 "telemetry": {"metrics_listen": persistent_endpoint(signer.directory,
                                                                     "metrics-endpoint")},
-                **{k: v for k, v in (signer_settings or {}).items() if k != "hsm"},
-            }, sort_keys=False))
+            }, signer_settings or {}), sort_keys=False))
             if signer.running:
                 say(f"signer already running at {signer.endpoint}")
             else:

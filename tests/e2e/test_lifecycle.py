@@ -219,10 +219,16 @@ def test_no_signature_by_a_revoked_version_after_revoke_returns(
         for t in threads:
             t.join()
     signed = [o for o in outcomes if o.version is not None]
-    late = [o for o in signed if o.version in revoked_at and o.received > revoked_at[o.version]]
-    print(f"\n{len(outcomes)} requests, {len(signed)} signed, fence times (ms): "
-          f"{', '.join(f'{m:.1f}' for m in fence_ms)}")
-    assert not late, f"{len(late)} signatures by revoked versions arrived after Revoke returned"
+    # Judged as Jepsen judges a history: a sign request sent after Revoke returned must never
+    # come back signed by the revoked version. One that overlapped the Revoke may be ordered
+    # before it, and its answer can reach this process's threads after Revoke's (network, GIL);
+    # that a signer never lets one out after acknowledging is tests/integration/test_fence_drain.
+    late = [o for o in signed if o.version in revoked_at and o.sent > revoked_at[o.version]]
+    overlapping = [o for o in signed if o.version in revoked_at
+                   and o.sent <= revoked_at[o.version] < o.received]
+    print(f"\n{len(outcomes)} requests, {len(signed)} signed, {len(overlapping)} overlapping a "
+          f"Revoke, fence times (ms): {', '.join(f'{m:.1f}' for m in fence_ms)}")
+    assert not late, f"{len(late)} requests sent after Revoke returned were signed by it: {late}"
     assert {o.version for o in signed} == {1, 2, 3, 4}
     refused = {o.code for o in outcomes if o.version is None}
     assert refused <= {"FAILED_PRECONDITION"}, refused

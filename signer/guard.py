@@ -18,8 +18,8 @@ Every unary RPC except health checks and reflection passes through :class:`Guard
   next entry written for that identity (``dropped``) and in the metric
   ``signet_security_events_total{kind="denial_dropped"}``.
 
-The hot path is a dict lookup, a few float operations and no lock (one event loop per
-process). Identity comes from the client certificate exactly as the servicers read it
+The books are kept by ``signer.limits``: in this process, or in a table that every worker of
+the signer shares. Identity comes from the client certificate exactly as the servicers read it
 (``signer.identity``, cached per certificate).
 """
 
@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,13 +37,20 @@ import grpc
 
 from kms.errors import KmsError
 from signer.identity import identity_from_pem
+from signer.limits import (
+    MAX_TRACKED_IDENTITIES,
+    Buckets,
+    Limiter,
+    LocalLimits,
+    Refusal,
+    TokenBucket,
+)
 
 log = logging.getLogger(__name__)
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 DENIAL_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 UNIDENTIFIED = "unidentified"  # callers whose certificate carries no usable URI SAN
-MAX_TRACKED_IDENTITIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -67,51 +73,12 @@ class EventRecorder(Protocol):
     async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int: ...
 
 
-class TokenBucket:
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.tokens = capacity
-        self.stamp = now
-
-    def take(self, now: float) -> float:
-        """Take one token: 0.0 when granted, else the seconds until one is back."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
-
-
-class _Buckets:
-    """Token buckets by identity, the least recently used forgotten beyond a bound (a
-    forgotten identity starts again with a full bucket, which only ever errs generous)."""
-
-    def __init__(self, rate: float, capacity: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def take(self, identity: str, now: float) -> float:
-        bucket = self._buckets.get(identity)
-        if bucket is None:
-            bucket = self._buckets[identity] = TokenBucket(self.rate, self.capacity, now)
-            if len(self._buckets) > MAX_TRACKED_IDENTITIES:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(identity)
-        return bucket.take(now)
-
-
 class DenialAuditor:
     """Writes ``security`` audit entries for denials, within a bounded rate."""
 
     def __init__(self, config: LimitsConfig, *, clock: Callable[[], float] = time.monotonic,
                  count_event: Callable[[str], None] | None = None) -> None:
-        self._per_identity = _Buckets(config.denial_audit_per_identity_rps,
+        self._per_identity = Buckets(config.denial_audit_per_identity_rps,
                                       config.denial_audit_burst)
         self._total = TokenBucket(config.denial_audit_total_rps,
                                   max(config.denial_audit_burst, 1), clock())
@@ -183,14 +150,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Rate and concurrency limits per identity, and audited denials (module docstring)."""
 
     def __init__(self, config: LimitsConfig, auditor: DenialAuditor, *, insecure: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 limiter: Limiter | None = None) -> None:
+        """``limiter``: the books shared by every worker of the signer
+        (``signer.limits.SharedLimits``); None keeps them in this process."""
         self._config = config
         self._auditor = auditor
         self._insecure = insecure
         self._clock = clock
-        self._rate = (_Buckets(config.per_identity_rps, config.per_identity_burst)
-                      if config.per_identity_rps > 0 else None)
-        self._inflight: dict[str, int] = {}
+        self._limits: Limiter = limiter if limiter is not None else LocalLimits(config)
         self._total = 0  # calls in flight, every identity
         self._draining = False
         self._idle = asyncio.Event()
@@ -228,8 +196,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     "this signer is stopping and takes no new calls; nothing was done, retry "
                     "(another signer or region answers)"))
             identity = _identity(context, self._insecure)
-            await self._admit(identity, context)
-            self._inflight[identity] = self._inflight.get(identity, 0) + 1
+            refusal = self._limits.admit(identity, self._clock())
+            if refusal is not None:
+                await self._refuse(context, identity, refusal)
             self._total += 1
             self._idle.clear()
             try:
@@ -244,11 +213,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                         code=code, reason=details if isinstance(details, str) else "")
                 raise
             finally:
-                left = self._inflight[identity] - 1
-                if left:
-                    self._inflight[identity] = left
-                else:
-                    del self._inflight[identity]
+                self._limits.release(identity)
                 self._total -= 1
                 if not self._total:
                     self._idle.set()
@@ -259,26 +224,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _admit(self, identity: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], identity: str,
+                      refusal: Refusal) -> None:
         config = self._config
-        if config.per_identity_concurrency and \
-                self._inflight.get(identity, 0) >= config.per_identity_concurrency:
-            self.rejected["concurrency"] += 1
-            await self._refuse(context, 50, (
+        self.rejected[refusal.limit] += 1
+        if refusal.limit == "concurrency":
+            millis = int(refusal.retry_after * 1000)
+            message = (
                 f"concurrency limit reached for {identity}: at most "
                 f"{config.per_identity_concurrency} calls in flight per identity; retry when "
-                "one of your calls has finished (about 50 ms)"))
-        if self._rate is not None:
-            wait = self._rate.take(identity, self._clock())
-            if wait:
-                self.rejected["rate"] += 1
-                millis = max(1, int(wait * 1000) + 1)
-                await self._refuse(context, millis, (
-                    f"rate limit reached for {identity}: {config.per_identity_rps:g} requests/s "
-                    f"(burst {config.per_identity_burst}) per identity; retry after {millis} ms"))
-
-    @staticmethod
-    async def _refuse(context: grpc.aio.ServicerContext[Any, Any], millis: int,
-                      message: str) -> None:
+                f"one of your calls has finished (about {millis} ms)")
+        else:
+            millis = max(1, int(refusal.retry_after * 1000) + 1)
+            message = (
+                f"rate limit reached for {identity}: {config.per_identity_rps:g} requests/s "
+                f"(burst {config.per_identity_burst}) per identity; retry after {millis} ms")
         context.set_trailing_metadata((("signet-retry-after-ms", str(millis)),))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

@@ -58,6 +58,7 @@ from signer.config import ServerConfig
 from signer.dashboard import DashboardSources, dashboard_routes, proposal_listing
 from signer.dev.softhsm import find_softhsm_module
 from signer.guard import DenialAuditor, GuardInterceptor
+from signer.limits import Limiter
 from signer.servicers.attestation import (
     AttestationServicer,
     AttestationSetup,
@@ -335,13 +336,13 @@ async def _listen(server: grpc.aio.Server, config: ServerConfig) -> int:
     return port
 
 
-def _grpc_server(config: ServerConfig, health: HealthServicer
+def _grpc_server(config: ServerConfig, health: HealthServicer, limits: Limiter | None
                  ) -> tuple[grpc.aio.Server, DenialAuditor, GuardInterceptor]:
     """The gRPC server with health and reflection, and its interceptors: per-identity limits
     and audited denials (docs/adr/0012) inside telemetry when that is on, so refused calls
     still show in the metrics. The auditor writes once the audit log is attached."""
     denials = DenialAuditor(config.limits, count_event=metrics().security_events)
-    guard = GuardInterceptor(config.limits, denials, insecure=config.insecure)
+    guard = GuardInterceptor(config.limits, denials, insecure=config.insecure, limiter=limits)
     server = grpc.aio.server(
         interceptors=[TelemetryInterceptor(), guard] if config.telemetry.enabled else [guard],
         options=[
@@ -359,7 +360,8 @@ def _grpc_server(config: ServerConfig, health: HealthServicer
     return server, denials, guard
 
 
-async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> RunningSigner:
+async def start(config: ServerConfig, *, listen_when_ready: bool = False,
+                limits: Limiter | None = None) -> RunningSigner:
     """Open the HSM and etcd, start the server, and mark it SERVING once everything is ready.
 
     By default the port answers from the start (health NOT_SERVING, calls UNAVAILABLE until
@@ -374,7 +376,7 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
     if not config.ceremonies_required:
         log.warning(NO_CEREMONIES_WARNING)
     health = HealthServicer()
-    server, denials, guard = _grpc_server(config, health)
+    server, denials, guard = _grpc_server(config, health, limits)
     await _set_health(health, serving=False)
     services = _Services(attestation=None if config.attestation is None else Deferred())
     _add_services(server, config, services)
@@ -464,10 +466,11 @@ async def start(config: ServerConfig, *, listen_when_ready: bool = False) -> Run
 
 async def serve(
     config: ServerConfig, *, on_ready: Callable[[int], None] | None = None,
-    listen_when_ready: bool = False,
+    listen_when_ready: bool = False, limits: Limiter | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
-    running = await start(config, listen_when_ready=listen_when_ready)
+    """Run until SIGTERM or SIGINT, then drain and stop. ``limits``: the per-identity
+    limits this worker shares with its siblings (signer/limits.py); None keeps its own."""
+    running = await start(config, listen_when_ready=listen_when_ready, limits=limits)
     if on_ready is not None:
         on_ready(running.port)
     stopping = asyncio.Event()

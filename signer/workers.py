@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from signer.config import ServerConfig
+from signer.limits import Limiter, SharedLimits
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _WATCHED = {*_STOP_SIGNALS, signal.SIGCHLD}
 
-Runner = Callable[[ServerConfig, Callable[[int], None]], None]
+# What a worker runs: its config, the callback for "ready", and the limits it shares with its
+# siblings.
+Runner = Callable[[ServerConfig, Callable[[int], None], Limiter | None], None]
 
 
 class WorkerStartError(RuntimeError):
@@ -66,12 +69,13 @@ def worker_config(config: ServerConfig, slot: int) -> ServerConfig:
     return dataclasses.replace(config, trust=trust, telemetry=telemetry)
 
 
-def _run_signer(config: ServerConfig, on_ready: Callable[[int], None]) -> None:
+def _run_signer(config: ServerConfig, on_ready: Callable[[int], None],
+                limits: Limiter | None) -> None:
     import asyncio
 
     from signer.server import serve
 
-    asyncio.run(serve(config, on_ready=on_ready, listen_when_ready=True))
+    asyncio.run(serve(config, on_ready=on_ready, listen_when_ready=True, limits=limits))
 
 
 @dataclass
@@ -105,6 +109,8 @@ class WorkerSupervisor:
         self._stop_timeout = stop_timeout
         self._slots = [_Slot(i) for i in range(count)]
         self._parent = os.getpid()
+        # Created before any fork, so every worker maps the same table (signer/limits.py).
+        self._limits = SharedLimits(config.limits, count) if count > 1 else None
 
     # -- the parent ---------------------------------------------------------------------------
 
@@ -159,14 +165,14 @@ class WorkerSupervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(read_fd)
-            self._become_worker(config, write_fd, mask)
+            self._become_worker(config, slot.index, write_fd, mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.pid, slot.ready_fd, slot.ready = pid, read_fd, False
         slot.started_at, slot.restart_at = time.monotonic(), None
         log.info("worker %d started (pid %d)", slot.index, pid)
 
-    def _become_worker(self, config: ServerConfig, ready_fd: int,
+    def _become_worker(self, config: ServerConfig, index: int, ready_fd: int,
                        mask: set[int | signal.Signals]) -> None:
         status = 1
         try:
@@ -183,7 +189,8 @@ class WorkerSupervisor:
                     os.write(ready_fd, b"r")
                     os.close(ready_fd)
 
-            self._runner(config, on_ready)
+            limits = self._limits.for_worker(index) if self._limits is not None else None
+            self._runner(config, on_ready, limits)
             status = 0
         except BaseException:
             log.exception("worker failed")

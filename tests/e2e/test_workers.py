@@ -16,6 +16,8 @@ import pytest
 
 from kms.domain.keys import Algorithm, Digest, DigestAlgorithm
 from signer.ceremony_client import CeremonyClient
+from signer.client import SignetClient
+from signer.dev.ca import DevCa
 from signer.dev.cluster import DevCluster
 from signer.errors import SignetError
 from tests.fixtures.cluster import RunningCluster
@@ -108,11 +110,16 @@ def audit_logs_with_signatures(cluster: RunningCluster) -> set[str]:
             if '"kind":"sign"' in entries.read_text()}
 
 
+# Generous for what the other tests here do (about 100 calls per identity), tight for the probe.
+LIMITS = {"per_identity_rps": 5, "per_identity_burst": 150}
+PROBE_URI = "spiffe://signet.dev/limits-probe"
+
+
 @pytest.fixture(scope="module")
 def workers_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     dev = DevCluster(tmp_path_factory.mktemp("workers"))
     try:
-        cluster = dev.up(log=False, signer_settings={"workers": 2})
+        cluster = dev.up(log=False, signer_settings={"workers": 2, "limits": LIMITS})
         running = RunningCluster(dev, cluster)
         wait_for(lambda: len(worker_pids(running)) == 2 and running.signer.log_path.read_text()
                  .count(") is ready") >= 2, 30, "two ready workers")
@@ -133,6 +140,35 @@ def test_two_workers_serve_one_port_and_both_sign(workers_cluster: RunningCluste
     assert len(audit_logs_with_signatures(c)) == 2
     # Worker 0 starts alone first, so no sibling races it for the region's keys.
     assert "trust distribution is off" not in c.signer.log_path.read_text()
+
+
+def test_an_identity_is_limited_by_the_signer_not_by_each_worker(
+    workers_cluster: RunningCluster,
+) -> None:
+    """The rate limit is one bucket per identity for the whole signer: spread over both
+    workers on 20 connections, 240 calls get the burst and the refill, not twice that."""
+    c = workers_cluster
+    ca = c.ca_dir
+    DevCa.load_or_create(ca).issue("limits-probe", uri=PROBE_URI, client=True)
+    outcomes: list[str] = []
+    started = time.monotonic()
+    for _ in range(20):
+        with SignetClient(c.cluster.endpoints(), ca=c.cluster.ca, cert=ca / "limits-probe.pem",
+                          key=ca / "limits-probe-key.pem", attempts_per_endpoint=1) as probe:
+            for _ in range(12):
+                try:
+                    probe.public_key("shared")
+                    outcomes.append("OK")
+                except SignetError as error:
+                    outcomes.append(error.code.name)
+    elapsed = time.monotonic() - started
+    allowed = LIMITS["per_identity_burst"] + LIMITS["per_identity_rps"] * elapsed
+    print(f"\n{outcomes.count('OK')} of {len(outcomes)} calls admitted in {elapsed:.1f} s "
+          f"(burst {LIMITS['per_identity_burst']}, then {LIMITS['per_identity_rps']}/s)")
+    assert set(outcomes) == {"OK", "RESOURCE_EXHAUSTED"}
+    assert outcomes.count("OK") <= allowed + 1
+    # Other identities keep their own bucket.
+    assert set(sign_on_fresh_connections(c, "shared", 3)) == {1}
 
 
 def test_a_killed_worker_is_restarted_and_signing_continues(

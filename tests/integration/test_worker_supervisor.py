@@ -23,7 +23,7 @@ config = ServerConfig.from_dict({"listen": "127.0.0.1:7443", "insecure": True,
     "etcd": {"endpoints": ["127.0.0.1:1"]}, "hsm": {"token_label": "t", "pin_env": "P"}},
     base=Path("."))
 
-def runner(config, on_ready):
+def runner(config, on_ready, limits):
     if mode == "fail":
         raise RuntimeError("cannot reach etcd")
     (out / str(os.getpid())).write_text(config.trust.http_listen)

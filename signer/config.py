@@ -50,6 +50,8 @@ Example::
       per_identity_rps: 2000                    # token-bucket refill per caller identity; 0 off
       per_identity_burst: 4000                  # bucket size
       per_identity_concurrency: 256             # calls in flight per identity; 0 off
+      identities:                               # optional: other limits for some identities
+        spiffe://example.org/release: {per_identity_rps: 5000, per_identity_burst: 10000}
 
     ceremonies:                                 # optional (docs/adr/0009)
       required: true                            # lifecycle changes need custodian ceremonies
@@ -82,7 +84,7 @@ from kms.admin import LifecycleSettings
 from kms.errors import InvalidArgument
 from kms.hsm.pkcs11 import SIGNING_MODES
 from kms.state.etcd import EtcdConfig
-from signer.guard import LimitsConfig
+from signer.limits import IdentityLimits, LimitsConfig
 
 DEFAULT_CEREMONY_RETENTION_SECONDS = 30 * 86_400.0
 
@@ -475,26 +477,56 @@ def _trust(raw: Any) -> TrustConfig:
     return trust
 
 
+_IDENTITY_LIMIT_FIELDS = ("per_identity_rps", "per_identity_burst", "per_identity_concurrency")
+
+
 def _limits(raw: Any) -> LimitsConfig:
     if not isinstance(raw, Mapping):
         raise InvalidArgument("config 'limits' must be a mapping")
-    unknown = set(raw) - set(LimitsConfig.__dataclass_fields__)
+    numeric = {name: f for name, f in LimitsConfig.__dataclass_fields__.items()
+               if name != "identities"}
+    unknown = set(raw) - set(numeric) - {"identities"}
     if unknown:
         raise InvalidArgument(f"config limits has unknown fields: {sorted(unknown)}")
-    values: dict[str, Any] = {}
-    for name, field in LimitsConfig.__dataclass_fields__.items():
-        value = raw.get(name, field.default)
-        whole = field.type in (int, "int")
-        if isinstance(value, bool) or not isinstance(value, int if whole else int | float) \
-                or value < 0 or value > 1_000_000:
-            kind = "a whole number" if whole else "a number"
-            raise InvalidArgument(f"config limits.{name} must be {kind} from 0 to 1000000")
-        values[name] = value if whole else float(value)
-    limits = LimitsConfig(**values)
-    if limits.per_identity_rps and limits.per_identity_burst < 1:
-        raise InvalidArgument("config limits.per_identity_burst must be at least 1 while "
+    values: dict[str, Any] = {
+        name: _limit_value(f"limits.{name}", raw.get(name, f.default), f.type in (int, "int"))
+        for name, f in numeric.items()}
+    _check_burst("limits", values["per_identity_rps"], values["per_identity_burst"])
+    named = raw.get("identities") or {}
+    if not isinstance(named, Mapping):
+        raise InvalidArgument("config limits.identities must map identities (URIs) to limits")
+    identities = {}
+    for identity, overrides in named.items():
+        where = f"limits.identities[{identity!r}]"
+        if not isinstance(identity, str) or not identity:
+            raise InvalidArgument("config limits.identities keys must be identity URIs")
+        if not isinstance(overrides, Mapping) or not overrides:
+            raise InvalidArgument(f"config {where} must set some of {list(_IDENTITY_LIMIT_FIELDS)}")
+        unknown = set(overrides) - set(_IDENTITY_LIMIT_FIELDS)
+        if unknown:
+            raise InvalidArgument(f"config {where} has unknown fields: {sorted(unknown)}; "
+                                  f"it may set {list(_IDENTITY_LIMIT_FIELDS)}")
+        own = {name: _limit_value(f"{where}.{name}", overrides.get(name, values[name]),
+                                  numeric[name].type in (int, "int"))
+               for name in _IDENTITY_LIMIT_FIELDS}
+        _check_burst(where, own["per_identity_rps"], own["per_identity_burst"])
+        identities[identity] = IdentityLimits(own["per_identity_rps"], own["per_identity_burst"],
+                                              own["per_identity_concurrency"])
+    return LimitsConfig(**values, identities=identities)
+
+
+def _limit_value(where: str, value: Any, whole: bool) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int if whole else int | float) \
+            or value < 0 or value > 1_000_000:
+        kind = "a whole number" if whole else "a number"
+        raise InvalidArgument(f"config {where} must be {kind} from 0 to 1000000")
+    return value if whole else float(value)
+
+
+def _check_burst(where: str, rps: float, burst: int) -> None:
+    if rps and burst < 1:
+        raise InvalidArgument(f"config {where}.per_identity_burst must be at least 1 while "
                               "per_identity_rps is on")
-    return limits
 
 
 def _telemetry(raw: Any) -> TelemetryConfig:

@@ -25,17 +25,47 @@ import os
 import secrets
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from signer.guard import LimitsConfig
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 MAX_TRACKED_IDENTITIES = 10_000
 SHARED_SLOTS = 16_384
 SHARED_PROBES = 32  # slots looked at per identity, from its hash on
 CONCURRENCY_RETRY_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class IdentityLimits:
+    """One identity's limits: ``rps`` 0 turns its rate limit off, ``concurrency`` 0 its
+    concurrency limit."""
+
+    rps: float
+    burst: int
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``limits:`` section. Defaults are generous: they stop a runaway client, not a busy
+    one. ``per_identity_rps`` 0 turns the rate limit off, ``per_identity_concurrency`` 0 the
+    concurrency limit. ``identities`` gives named identities other limits (a release
+    pipeline that signs more, a probe that must never be refused)."""
+
+    per_identity_rps: float = 2_000.0
+    per_identity_burst: int = 4_000
+    per_identity_concurrency: int = 256
+    denial_audit_per_identity_rps: float = 2.0
+    denial_audit_burst: int = 20
+    denial_audit_total_rps: float = 50.0
+    identities: Mapping[str, IdentityLimits] = field(default_factory=dict)
+
+    def for_identity(self, identity: str) -> IdentityLimits:
+        named = self.identities.get(identity)
+        if named is not None:
+            return named
+        return IdentityLimits(self.per_identity_rps, self.per_identity_burst,
+                              self.per_identity_concurrency)
 
 
 class TokenBucket:
@@ -68,6 +98,7 @@ def _take(rate: float, capacity: float, tokens: float, stamp: float, now: float
 class Refusal:
     limit: str  # "rate" or "concurrency"
     retry_after: float  # seconds
+    limits: IdentityLimits  # the caller's, for the message
 
 
 class Limiter(Protocol):
@@ -80,14 +111,14 @@ class Limiter(Protocol):
         ...
 
 
-def _check(config: LimitsConfig, in_flight: int, take: Callable[[], float]
+def _check(limits: IdentityLimits, in_flight: int, take: Callable[[], float]
            ) -> Refusal | None:
     """The concurrency limit first (a refused call takes no token), then the rate:
     ``take`` takes a token and returns 0.0, or the seconds until one is back."""
-    if config.per_identity_concurrency and in_flight >= config.per_identity_concurrency:
-        return Refusal("concurrency", CONCURRENCY_RETRY_SECONDS)
-    wait = take()
-    return Refusal("rate", wait) if wait else None
+    if limits.concurrency and in_flight >= limits.concurrency:
+        return Refusal("concurrency", CONCURRENCY_RETRY_SECONDS, limits)
+    wait = take() if limits.rps > 0 else 0.0
+    return Refusal("rate", wait, limits) if wait else None
 
 
 class Buckets:
@@ -115,14 +146,13 @@ class LocalLimits:
 
     def __init__(self, config: LimitsConfig) -> None:
         self._config = config
-        self._rate = (Buckets(config.per_identity_rps, config.per_identity_burst)
-                      if config.per_identity_rps > 0 else None)
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._in_flight: dict[str, int] = {}
 
     def admit(self, identity: str, now: float) -> Refusal | None:
+        limits = self._config.for_identity(identity)
         in_flight = self._in_flight.get(identity, 0)
-        refusal = _check(self._config, in_flight,
-                         lambda: self._rate.take(identity, now) if self._rate else 0.0)
+        refusal = _check(limits, in_flight, lambda: self._bucket(identity, limits, now).take(now))
         if refusal is None:
             self._in_flight[identity] = in_flight + 1
         return refusal
@@ -133,6 +163,16 @@ class LocalLimits:
             self._in_flight[identity] = left
         else:
             self._in_flight.pop(identity, None)
+
+    def _bucket(self, identity: str, limits: IdentityLimits, now: float) -> TokenBucket:
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            bucket = self._buckets[identity] = TokenBucket(limits.rps, limits.burst, now)
+            if len(self._buckets) > MAX_TRACKED_IDENTITIES:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(identity)
+        return bucket
 
 
 # A slot: identity hash (0: free), tokens, refill stamp, last use (monotonic seconds, which are
@@ -179,9 +219,9 @@ class SharedLimits:
 
     def admit(self, identity: str, now: float) -> Refusal | None:
         worker = self._require_worker()
-        config = self._config
+        limits = self._config.for_identity(identity)
         with self._locked():
-            slot = self._find(self._hash(identity), now, claim=True)
+            slot = self._find(self._hash(identity), now, claim=True, burst=limits.burst)
             if slot is None:  # every candidate slot busy: let it in uncounted (errs generous)
                 return None
             offset = slot * self._stride
@@ -190,14 +230,11 @@ class SharedLimits:
 
             def take() -> float:
                 nonlocal tokens, stamp
-                if config.per_identity_rps <= 0:
-                    return 0.0
-                tokens, wait = _take(config.per_identity_rps, config.per_identity_burst,
-                                     tokens, stamp, now)
+                tokens, wait = _take(limits.rps, limits.burst, tokens, stamp, now)
                 stamp = now
                 return wait
 
-            refusal = _check(config, sum(counts), take)
+            refusal = _check(limits, sum(counts), take)
             if refusal is None:
                 counts[worker] += 1
                 self._counts.pack_into(self._map, offset + _HEAD.size, *counts)
@@ -231,7 +268,7 @@ class SharedLimits:
         digest = hashlib.blake2b(identity.encode(), digest_size=8, key=self._hash_key).digest()
         return int.from_bytes(digest, "little") or 1  # 0 marks a free slot
 
-    def _find(self, key: int, now: float, *, claim: bool) -> int | None:
+    def _find(self, key: int, now: float, *, claim: bool, burst: int = 0) -> int | None:
         """The slot of ``key``; with ``claim``, else a free one or the least recently used
         idle one, made ``key``'s with a full bucket. None when there is none."""
         free = idle = None
@@ -252,8 +289,7 @@ class SharedLimits:
                 idle, idle_used = slot, used
         chosen = free if free is not None else idle
         if chosen is not None:
-            _HEAD.pack_into(self._map, chosen * self._stride, key,
-                            float(self._config.per_identity_burst), now, now)
+            _HEAD.pack_into(self._map, chosen * self._stride, key, float(burst), now, now)
             self._counts.pack_into(self._map, chosen * self._stride + _HEAD.size,
                                    *([0] * self._workers))
         return chosen

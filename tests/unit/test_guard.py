@@ -12,6 +12,7 @@ import pytest
 from kms.errors import InvalidArgument
 from signer.config import ServerConfig
 from signer.guard import DenialAuditor, LimitsConfig, TokenBucket
+from signer.limits import IdentityLimits
 
 BASE = {"region": "eu", "listen": "127.0.0.1:0", "insecure": True,
         "etcd": {"endpoints": ["127.0.0.1:2379"]}, "hsm": {"token_label": "t", "pin_env": "P"}}
@@ -71,3 +72,21 @@ def test_the_limits_section_is_validated() -> None:
                 {"per_identity_concurrency": True}, {"per_identity_burst": 0}):
         with pytest.raises(InvalidArgument, match="limits"):
             ServerConfig.from_dict({**BASE, "limits": bad}, base=Path.cwd())
+
+
+def test_named_identities_inherit_what_they_do_not_set() -> None:
+    config = ServerConfig.from_dict({**BASE, "limits": {
+        "per_identity_rps": 5, "per_identity_burst": 2, "identities": {
+            "spiffe://x/release": {"per_identity_rps": 500, "per_identity_burst": 1000},
+            "spiffe://x/probe": {"per_identity_rps": 0}}}}, base=Path.cwd())
+    limits = config.limits
+    assert limits.for_identity("spiffe://x/release") == IdentityLimits(500.0, 1000, 256)
+    assert limits.for_identity("spiffe://x/probe") == IdentityLimits(0.0, 2, 256)
+    assert limits.for_identity("spiffe://x/anyone") == IdentityLimits(5.0, 2, 256)
+    for bad, words in (({"spiffe://x/a": {"rps": 1}}, "unknown fields"),
+                       ({"spiffe://x/a": {}}, "must set some of"),
+                       ({"spiffe://x/a": {"per_identity_rps": -1}}, "from 0 to"),
+                       ({"spiffe://x/a": {"per_identity_burst": 0}}, "at least 1"),
+                       (["spiffe://x/a"], "must map identities")):
+        with pytest.raises(InvalidArgument, match=words):
+            ServerConfig.from_dict({**BASE, "limits": {"identities": bad}}, base=Path.cwd())

@@ -10,16 +10,22 @@ from collections.abc import Callable
 
 import pytest
 
-from signer.guard import LimitsConfig
-from signer.limits import LocalLimits, Refusal, SharedLimits
+from signer.limits import IdentityLimits, LimitsConfig, LocalLimits, Refusal, SharedLimits
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 A, B = "spiffe://test/a", "spiffe://test/b"
 
 
+def refused(refusal: Refusal | None) -> tuple[str, float] | None:
+    return None if refusal is None else (refusal.limit, refusal.retry_after)
+
+
+CONCURRENCY = ("concurrency", 0.05)
+
+
 def in_child(work: Callable[[], int], timeout: float = 10.0) -> int:
-    """Run ``work`` in a forked child; return its result (0–255), or fail after ``timeout``."""
+    """Run ``work`` in a forked child; return its result (0 to 255), or fail after ``timeout``."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 255
@@ -47,12 +53,13 @@ def test_one_process_refuses_by_concurrency_first_then_by_rate() -> None:
                                       per_identity_concurrency=2))
     assert limits.admit(A, 0.0) is None
     assert limits.admit(A, 0.0) is None
-    assert limits.admit(A, 0.0) == Refusal("concurrency", 0.05)
+    assert refused(limits.admit(A, 0.0)) == CONCURRENCY
     limits.release(A)
     assert limits.admit(A, 0.0) is None  # the third token
     limits.release(A)
     refusal = limits.admit(A, 0.0)
-    assert refusal is not None and refusal.limit == "rate"
+    assert refusal is not None
+    assert refusal.limit == "rate"
     assert refusal.retry_after == pytest.approx(0.1)
     assert limits.admit(B, 0.0) is None  # another identity has its own books
 
@@ -78,7 +85,7 @@ def test_calls_in_flight_count_across_workers_and_a_restarted_slot_forgets_its_o
     worker0 = shared.for_worker(0)
     assert shared.in_flight(A) == 2
     assert worker0.admit(A, now) is None
-    assert worker0.admit(A, now) == Refusal("concurrency", 0.05)
+    assert refused(worker0.admit(A, now)) == CONCURRENCY
     # The worker started again in slot 1 clears what its predecessor left counted.
     assert in_child(lambda: shared.for_worker(1).in_flight(A)) == 1
     assert worker0.admit(A, now) is None
@@ -131,5 +138,24 @@ def test_every_slot_busy_admits_uncounted() -> None:
     assert worker.admit("spiffe://test/c", now) is None  # no slot to count it in
     assert shared.in_flight("spiffe://test/c") == 0
     worker.release("spiffe://test/c")  # harmless
-    assert worker.admit(A, now) == Refusal("concurrency", 0.05)
+    assert refused(worker.admit(A, now)) == CONCURRENCY
     shared.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_named_identity_has_its_own_limits(shared: bool) -> None:
+    c = "spiffe://test/c"
+    config = LimitsConfig(per_identity_rps=0.001, per_identity_burst=2, identities={
+        A: IdentityLimits(rps=0, burst=0, concurrency=0),
+        B: IdentityLimits(rps=0.001, burst=5, concurrency=0),
+        c: IdentityLimits(rps=0, burst=0, concurrency=1)})
+    limits = SharedLimits(config, workers=1).for_worker(0) if shared else LocalLimits(config)
+    now = time.monotonic()
+    assert admitted(limits, A, 50, now) == 50  # no limit at all
+    assert admitted(limits, B, 10, now) == 5
+    assert admitted(limits, "spiffe://test/other", 10, now) == 2  # the defaults
+    assert limits.admit(c, now) is None
+    refusal = limits.admit(c, now)
+    assert refused(refusal) == CONCURRENCY
+    assert refusal is not None
+    assert refusal.limits.concurrency == 1  # the message names the caller's own limit

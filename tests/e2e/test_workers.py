@@ -111,7 +111,7 @@ def audit_logs_with_signatures(cluster: RunningCluster) -> set[str]:
 
 
 # Generous for what the other tests here do (about 100 calls per identity), tight for the probe.
-LIMITS = {"per_identity_rps": 5, "per_identity_burst": 150}
+LIMITS = {"per_identity_rps": 50, "per_identity_burst": 150}
 PROBE_URI = "spiffe://signet.dev/limits-probe"
 
 

@@ -246,16 +246,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         at about its rate; at most ``MAX_HOLD_SECONDS`` and half the caller's time left. At
         most ``MAX_HELD`` refusals are held at once per process, and a draining signer
         answers them at once. Returns the seconds held."""
-        rps = refusal.limits.rps
-        spacing = 1.0 / rps if rps > 0 else 0.0
-        held = self._held.get(identity, 0)
-        remaining = context.time_remaining()
-        hold = min(refusal.retry_after + held * spacing, MAX_HOLD_SECONDS,
-                   remaining / 2 if remaining is not None else MAX_HOLD_SECONDS)
-        if hold < MIN_HOLD_SECONDS or self._held_total >= MAX_HELD or self._draining:
+        hold = self.hold_seconds(identity, refusal, context.time_remaining())
+        if not hold:
             return 0.0
         started = self._clock()
-        self._held[identity] = held + 1
+        self._held[identity] = self._held.get(identity, 0) + 1
         self._held_total += 1
         try:
             with contextlib.suppress(TimeoutError):
@@ -269,3 +264,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             else:
                 del self._held[identity]
         return self._clock() - started
+
+    def hold_seconds(self, identity: str, refusal: Refusal, remaining: float | None) -> float:
+        """How long ``_hold`` holds this refusal now: 0 for none. ``remaining``: the caller's
+        time left (None without a deadline)."""
+        rps = refusal.limits.rps
+        spacing = 1.0 / rps if rps > 0 else 0.0
+        hold = min(refusal.retry_after + self._held.get(identity, 0) * spacing,
+                   MAX_HOLD_SECONDS,
+                   remaining / 2 if remaining is not None else MAX_HOLD_SECONDS)
+        if hold < MIN_HOLD_SECONDS or self._held_total >= MAX_HELD or self._draining:
+            return 0.0
+        return hold

@@ -10,9 +10,10 @@ import grpc
 import pytest
 
 from kms.errors import InvalidArgument
+from signer import guard as guard_module
 from signer.config import ServerConfig
-from signer.guard import DenialAuditor, LimitsConfig, TokenBucket
-from signer.limits import IdentityLimits
+from signer.guard import DenialAuditor, GuardInterceptor, LimitsConfig, TokenBucket
+from signer.limits import IdentityLimits, Refusal
 
 BASE = {"region": "eu", "listen": "127.0.0.1:0", "insecure": True,
         "etcd": {"endpoints": ["127.0.0.1:2379"]}, "hsm": {"token_label": "t", "pin_env": "P"}}
@@ -90,3 +91,71 @@ def test_named_identities_inherit_what_they_do_not_set() -> None:
                        (["spiffe://x/a"], "must map identities")):
         with pytest.raises(InvalidArgument, match=words):
             ServerConfig.from_dict({**BASE, "limits": {"identities": bad}}, base=Path.cwd())
+
+
+class HeldContext:
+    """What ``GuardInterceptor._hold`` reads of a call: its time left."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def rate_refusal(retry_after: float, rps: float = 100.0) -> Refusal:
+    return Refusal("rate", retry_after, IdentityLimits(rps=rps, burst=20, concurrency=4))
+
+
+def test_refusals_of_one_identity_are_held_and_spaced_by_its_refill_interval() -> None:
+    async def scenario() -> None:
+        guard = GuardInterceptor(LimitsConfig(), DenialAuditor(LimitsConfig()), insecure=True)
+        a, b = "spiffe://x/a", "spiffe://x/b"
+        assert guard.hold_seconds(a, rate_refusal(0.004), None) == pytest.approx(0.004)
+        # Two refusals of a already held: the next waits two refill intervals (10 ms) more.
+        held = [asyncio.ensure_future(guard._hold(HeldContext(None), a, rate_refusal(0.2)))
+                for _ in range(2)]
+        await asyncio.sleep(0)
+        assert guard.hold_seconds(a, rate_refusal(0.004), None) == pytest.approx(0.024)
+        assert guard.hold_seconds(b, rate_refusal(0.004), None) == pytest.approx(0.004)
+        # Never more than 250 ms, nor more than half of what the caller's deadline leaves.
+        assert guard.hold_seconds(b, rate_refusal(5.0), None) == 0.25
+        assert guard.hold_seconds(b, rate_refusal(5.0), 0.1) == pytest.approx(0.05)
+        assert guard.hold_seconds(b, rate_refusal(0.0005), None) == 0.0  # not worth a wait
+        await asyncio.gather(*held)
+
+    asyncio.run(scenario())
+
+
+def test_draining_answers_held_refusals_at_once_and_holds_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(guard_module, "MAX_HOLD_SECONDS", 60.0)
+
+    async def scenario() -> None:
+        guard = GuardInterceptor(LimitsConfig(), DenialAuditor(LimitsConfig()), insecure=True)
+        held = asyncio.ensure_future(
+            guard._hold(HeldContext(None), "spiffe://x/a", rate_refusal(30.0)))
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        await guard.drain(timeout=1.0)
+        assert await asyncio.wait_for(held, 5.0) < 5.0
+        assert guard.hold_seconds("spiffe://x/a", rate_refusal(30.0), None) == 0.0
+
+    asyncio.run(scenario())
+
+
+def test_at_most_max_held_refusals_wait_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_module, "MAX_HELD", 3)
+
+    async def scenario() -> None:
+        guard = GuardInterceptor(LimitsConfig(), DenialAuditor(LimitsConfig()), insecure=True)
+        held = [asyncio.ensure_future(
+            guard._hold(HeldContext(None), f"spiffe://x/{n}", rate_refusal(0.05)))
+            for n in range(3)]
+        await asyncio.sleep(0)
+        assert guard.hold_seconds("spiffe://x/late", rate_refusal(0.05), None) == 0.0
+        await asyncio.gather(*held)
+        assert guard.hold_seconds("spiffe://x/late", rate_refusal(0.05), None) == 0.05
+
+    asyncio.run(scenario())

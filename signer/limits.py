@@ -131,14 +131,22 @@ class Buckets:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def take(self, identity: str, now: float) -> float:
+        return self.bucket(identity, now).take(now)
+
+    def bucket(self, identity: str, now: float, rate: float | None = None,
+               capacity: float | None = None) -> TokenBucket:
+        """``identity``'s bucket, made full (with ``rate`` and ``capacity`` when given) if it
+        had none."""
         bucket = self._buckets.get(identity)
         if bucket is None:
-            bucket = self._buckets[identity] = TokenBucket(self.rate, self.capacity, now)
+            bucket = self._buckets[identity] = TokenBucket(
+                self.rate if rate is None else rate,
+                self.capacity if capacity is None else capacity, now)
             if len(self._buckets) > MAX_TRACKED_IDENTITIES:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(identity)
-        return bucket.take(now)
+        return bucket
 
 
 class LocalLimits:
@@ -146,13 +154,14 @@ class LocalLimits:
 
     def __init__(self, config: LimitsConfig) -> None:
         self._config = config
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._buckets = Buckets(config.per_identity_rps, config.per_identity_burst)
         self._in_flight: dict[str, int] = {}
 
     def admit(self, identity: str, now: float) -> Refusal | None:
         limits = self._config.for_identity(identity)
         in_flight = self._in_flight.get(identity, 0)
-        refusal = _check(limits, in_flight, lambda: self._bucket(identity, limits, now).take(now))
+        refusal = _check(limits, in_flight, lambda: self._buckets.bucket(
+            identity, now, limits.rps, limits.burst).take(now))
         if refusal is None:
             self._in_flight[identity] = in_flight + 1
         return refusal
@@ -163,16 +172,6 @@ class LocalLimits:
             self._in_flight[identity] = left
         else:
             self._in_flight.pop(identity, None)
-
-    def _bucket(self, identity: str, limits: IdentityLimits, now: float) -> TokenBucket:
-        bucket = self._buckets.get(identity)
-        if bucket is None:
-            bucket = self._buckets[identity] = TokenBucket(limits.rps, limits.burst, now)
-            if len(self._buckets) > MAX_TRACKED_IDENTITIES:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(identity)
-        return bucket
 
 
 # A slot: identity hash (0: free), tokens, refill stamp, last use (monotonic seconds, which are

@@ -12,8 +12,7 @@ import pytest
 
 from kms.audit.checkpoint import SoftwareCheckpointSigner
 from kms.audit.log import AuditLog
-from kms.domain.keys import Algorithm, Digest, DigestAlgorithm, Key, Replication
-from kms.domain.policy import AccessPolicy
+from kms.domain.keys import Algorithm, Digest, DigestAlgorithm
 from kms.errors import FailedPrecondition
 from kms.hsm.pkcs11 import Pkcs11Hsm
 from kms.ports import SystemClock
@@ -22,6 +21,7 @@ from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
 from kms.state.fence import SignerFence
 from kms.state.view import KeyStateView
 from signer.dev.etcd import EtcdCluster
+from tests.fixtures.keys import signing_key
 
 pytestmark = pytest.mark.integration
 
@@ -55,14 +55,8 @@ def test_a_revocation_is_acknowledged_only_after_older_signatures_are_dropped(
     async def scenario() -> None:
         store = EtcdKeyStateStore(EtcdConfig(endpoints=etcd_cluster.endpoints))
         clock = SystemClock()
-        pair = await hsm.generate_key_pair(label="held", algorithm=Algorithm.ECDSA_P256_SHA256,
-                                           extractable=False)
-        key = Key.new(name="held", algorithm=Algorithm.ECDSA_P256_SHA256,
-                      replication=Replication.REGIONAL, public_key_der=pair.public_key_der,
-                      hsm_id=pair.hsm_id, now=clock.now())
-        created = await store.create_key(key)
-        await store.put_policy(AccessPolicy.from_dict({"version": 1, "bindings": [
-            {"identity": PIPELINE.identity, "sign": ["*"]}]}), 0)
+        key, created = await signing_key(hsm, store, "held", signer=PIPELINE.identity,
+                                         now=clock.now())
         # Wired as signer/server.py wires a signer process.
         inflight = InflightSignatures()
         view = KeyStateView(store, clock, lease_ttl=5, signer_id=SIGNER, registry=store,

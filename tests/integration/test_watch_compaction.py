@@ -12,7 +12,7 @@ import pytest
 
 from kms.audit.checkpoint import SoftwareCheckpointSigner
 from kms.audit.log import AuditLog
-from kms.domain.keys import Algorithm, Digest, DigestAlgorithm, Key, Replication
+from kms.domain.keys import Digest, DigestAlgorithm
 from kms.domain.policy import AccessPolicy
 from kms.errors import FailedPrecondition, StateStoreError, Unavailable
 from kms.hsm.pkcs11 import Pkcs11Hsm
@@ -21,6 +21,7 @@ from kms.signing import Caller, SigningService
 from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
 from kms.state.view import KeyStateView
 from signer.dev.etcd import EtcdCluster
+from tests.fixtures.keys import signing_key
 
 pytestmark = pytest.mark.integration
 
@@ -71,14 +72,8 @@ def test_revocation_hidden_by_compaction_is_found_by_a_full_re_read(
         store = EtcdKeyStateStore(EtcdConfig(endpoints=etcd_cluster.endpoints))
         severed = SeveredWatches(store)
         clock = SystemClock()
-        pair = await hsm.generate_key_pair(label="c", algorithm=Algorithm.ECDSA_P256_SHA256,
-                                           extractable=False)
-        key = Key.new(name="compacted", algorithm=Algorithm.ECDSA_P256_SHA256,
-                      replication=Replication.REGIONAL, public_key_der=pair.public_key_der,
-                      hsm_id=pair.hsm_id, now=clock.now())
-        created = await store.create_key(key)
-        await store.put_policy(AccessPolicy.from_dict({"version": 1, "bindings": [
-            {"identity": PIPELINE.identity, "sign": ["*"]}]}), 0)
+        key, created = await signing_key(hsm, store, "compacted", signer=PIPELINE.identity,
+                                         now=clock.now())
         view = KeyStateView(severed, clock, lease_ttl=5, max_backoff=0.05)  # type: ignore[arg-type]
         await view.start()
         audit = await AuditLog.open(tmp_path / "audit", "test/compaction",

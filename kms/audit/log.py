@@ -61,9 +61,20 @@ class _Pending:
     """One queue operation: a single entry (``future`` gets its index) or, from
     ``append_many``, several that are written together (``future`` gets their indices)."""
 
-    entries: list[dict[str, Any]]
+    entries: list[dict[str, Any]] | SignatureLines
     future: asyncio.Future[Any]
     many: bool = False
+
+    def encode(self, start: int) -> list[bytes]:
+        """The entries' lines, numbered from ``start``. Raises ``TypeError``/``ValueError``
+        for what JSON cannot hold."""
+        if isinstance(self.entries, SignatureLines):
+            return self.entries.encode(start)
+        lines = []
+        for index, record in enumerate(self.entries, start=start):
+            record["index"] = index
+            lines.append(canonical_json(record))
+        return lines
 
 
 @dataclass
@@ -196,6 +207,51 @@ def _check_against(tree: CompactRange, checkpoint: Checkpoint, path: Path) -> No
             f"the first {checkpoint.tree_size} entries of {path} do not match the root hash of "
             "its last checkpoint: an entry was edited; run 'signet audit verify' on it"
         )
+
+
+# Stands for a field that differs between the entries of one batch (SignatureLines).
+_VARIES = "\x00varies:{}\x00"
+
+
+class SignatureLines:
+    """The ``sign`` entries of one batch: one caller, key version, revision, region and time;
+    only the digest, request id and index differ. They are encoded straight to their lines
+    from a template, the same bytes ``canonical_json`` gives each entry (tested), without a dict
+    and a sort per entry: a batch of 256 signatures spent most of its audit time there."""
+
+    def __init__(self, shared: Mapping[str, Any], digests: Sequence[str],
+                 request_ids: Sequence[str]) -> None:
+        """Raises ``TypeError``/``ValueError`` for what JSON cannot hold, like
+        ``canonical_json``."""
+        if len(digests) != len(request_ids):
+            raise InvalidArgument("record_signatures needs one request id per digest")
+        for value in (*digests, *request_ids):
+            if not isinstance(value, str):
+                raise TypeError(f"digest and request id must be strings, not {value!r}")
+        self.digests, self.request_ids = digests, request_ids
+        # Canonical lines sort their keys, so these three come in this order.
+        varying = ("digest", "index", "request_id")
+        template = canonical_json({**shared, **{name: _VARIES.format(name) for name in varying}})
+        pieces = [template]
+        for name in varying:
+            marker = json.encoder.encode_basestring(_VARIES.format(name)).encode()
+            head, found, tail = pieces[-1].partition(marker)
+            if not found or marker in tail:
+                raise ValueError(f"the shared audit fields hold the placeholder for {name!r}")
+            pieces[-1:] = [head, tail]
+        self._pieces = [piece.decode() for piece in pieces]
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def encode(self, start: int) -> list[bytes]:
+        """The lines of entries ``start``, ``start + 1``… in order."""
+        first, between, last, end = self._pieces
+        quote = json.encoder.encode_basestring  # what canonical_json uses for strings
+        return [
+            f"{first}{quote(digest)}{between}{index}{last}{quote(request_id)}{end}".encode()
+            for index, (digest, request_id) in enumerate(
+                zip(self.digests, self.request_ids, strict=True), start=start)]
 
 
 def _checked(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -431,16 +487,26 @@ class AuditLog:
         request_ids: Sequence[str],
     ) -> list[int]:
         """Append one ``sign`` entry per digest (with the request id at the same position),
-        all by one caller with one key version, through ``append_many``: durable together or
+        all by one caller with one key version, like ``append_many``: durable together or
         not at all. Returns their indices in order; raises like ``append_many``."""
         if len(digests) != len(request_ids):
             raise InvalidArgument("record_signatures needs one request id per digest")
-        return await self.append_many([
-            {"kind": "sign", "identity": identity, "key": key, "version": version,
-             "key_id": key_id, "digest": digest, "request_id": request_id,
-             "revision": revision, "region": region}
-            for digest, request_id in zip(digests, request_ids, strict=True)
-        ])
+        self._require_open()
+        if not digests:
+            return []
+        shared = {"kind": "sign", "identity": identity, "key": key, "version": version,
+                  "key_id": key_id, "revision": revision, "region": region}
+        try:
+            lines = SignatureLines({**shared, "time": format_time(self._clock.now())},
+                                   digests, request_ids)
+        except (TypeError, ValueError):  # not for a template: the general path says why
+            return await self.append_many([
+                {**shared, "digest": digest, "request_id": request_id}
+                for digest, request_id in zip(digests, request_ids, strict=True)])
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(lines, future, many=True))
+        self._wakeup.set()
+        return await future
 
     async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int:
         """Append an ``admin``, ``ceremony``, ``security``… entry with ``fields``."""
@@ -529,10 +595,7 @@ class AuditLog:
             if pending.future.done():  # the caller gave up (cancelled) before we wrote
                 continue
             try:
-                encoded = []
-                for at, record in enumerate(pending.entries, start=index):
-                    record["index"] = at
-                    encoded.append(canonical_json(record))
+                encoded = pending.encode(index)
             except (TypeError, ValueError) as error:
                 # All or nothing per queue operation: none of an append_many's lines is kept.
                 pending.future.set_exception(

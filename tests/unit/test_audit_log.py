@@ -10,10 +10,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kms.audit.checkpoint import Checkpoint, SoftwareCheckpointSigner
+from kms.audit.checkpoint import Checkpoint, SoftwareCheckpointSigner, canonical_json
 from kms.audit.errors import AuditLogCorrupt, AuditUnavailable
-from kms.audit.log import CHECKPOINTS_FILE, ENTRIES_FILE, AuditLog
+from kms.audit.log import CHECKPOINTS_FILE, ENTRIES_FILE, AuditLog, SignatureLines
 from kms.audit.merkle import leaf_hash, root_hash
 from kms.audit.verify import verify_log
 from kms.errors import InvalidArgument
@@ -403,3 +405,43 @@ def test_record_signatures_writes_one_sign_entry_per_digest(tmp_path: Path) -> N
     assert first["kind"] == second["kind"] == "sign"
     assert first["revision"] == 17
     assert first["time"] == second["time"]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(identity=st.text(max_size=30), key=st.text(max_size=20), version=st.integers(0, 2**40),
+       revision=st.integers(0, 2**62), items=st.lists(
+           st.tuples(st.text(max_size=30), st.text(max_size=30)), min_size=1, max_size=5),
+       start=st.integers(0, 2**40))
+def test_batch_sign_lines_are_the_canonical_lines_of_their_entries(
+    *, identity: str, key: str, version: int, revision: int, items: list[tuple[str, str]],
+    start: int,
+) -> None:
+    shared = {"kind": "sign", "identity": identity, "key": key, "version": version,
+              "key_id": "ab" * 32, "revision": revision, "region": "eu-west",
+              "time": "2026-11-26T16:00:00.000000Z"}
+    digests, request_ids = [d for d, _ in items], [r for _, r in items]
+    lines = SignatureLines(shared, digests, request_ids).encode(start)
+    assert lines == [
+        canonical_json({**shared, "digest": digest, "request_id": request_id, "index": index})
+        for index, (digest, request_id) in enumerate(items, start=start)]
+
+
+def test_batch_sign_lines_refuse_shared_fields_holding_their_placeholder() -> None:
+    with pytest.raises(ValueError, match="placeholder"):
+        SignatureLines({"kind": "sign", "identity": "\x00varies:digest\x00"}, ["d"], ["r"])
+
+
+def test_record_signatures_with_an_odd_identity_takes_the_general_path(tmp_path: Path) -> None:
+    async def scenario() -> list[int]:
+        log = await open_log(tmp_path)
+        try:
+            return await log.record_signatures(
+                identity="\x00varies:index\x00", key="k", version=1, key_id="ab", revision=3,
+                region="r", digests=["sha256:01", "sha256:02"], request_ids=["a", "b"])
+        finally:
+            await log.close()
+
+    assert asyncio.run(scenario()) == [0, 1]
+    assert [json.loads(line)["identity"] for line in entry_lines(tmp_path)] == [
+        "\x00varies:index\x00"] * 2
+    assert verify_log(tmp_path).entries == 2

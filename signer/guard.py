@@ -68,7 +68,7 @@ class DenialAuditor:
     def __init__(self, config: LimitsConfig, *, clock: Callable[[], float] = time.monotonic,
                  count_event: Callable[[str], None] | None = None) -> None:
         self._per_identity = Buckets(config.denial_audit_per_identity_rps,
-                                      config.denial_audit_burst)
+                                     config.denial_audit_burst)
         self._total = TokenBucket(config.denial_audit_total_rps,
                                   max(config.denial_audit_burst, 1), clock())
         self._clock = clock

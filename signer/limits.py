@@ -19,6 +19,7 @@ which only ever errs generous.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -58,14 +59,17 @@ class LimitsConfig:
     denial_audit_per_identity_rps: float = 2.0
     denial_audit_burst: int = 20
     denial_audit_total_rps: float = 50.0
-    identities: Mapping[str, IdentityLimits] = field(default_factory=dict)
+    # Compared, not hashed: a dict cannot be (a config stays hashable).
+    identities: Mapping[str, IdentityLimits] = field(default_factory=dict, hash=False)
 
-    def for_identity(self, identity: str) -> IdentityLimits:
-        named = self.identities.get(identity)
-        if named is not None:
-            return named
+    @functools.cached_property
+    def defaults(self) -> IdentityLimits:
+        """The limits of every identity not named in ``identities``."""
         return IdentityLimits(self.per_identity_rps, self.per_identity_burst,
                               self.per_identity_concurrency)
+
+    def for_identity(self, identity: str) -> IdentityLimits:
+        return self.identities.get(identity) or self.defaults
 
 
 class TokenBucket:

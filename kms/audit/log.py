@@ -221,10 +221,8 @@ class SignatureLines:
 
     def __init__(self, shared: Mapping[str, Any], digests: Sequence[str],
                  request_ids: Sequence[str]) -> None:
-        """Raises ``TypeError``/``ValueError`` for what JSON cannot hold, like
-        ``canonical_json``."""
-        if len(digests) != len(request_ids):
-            raise InvalidArgument("record_signatures needs one request id per digest")
+        """``digests`` and ``request_ids`` pair up by position. Raises ``TypeError`` /
+        ``ValueError`` for what JSON cannot hold, like ``canonical_json``."""
         for value in (*digests, *request_ids):
             if not isinstance(value, str):
                 raise TypeError(f"digest and request id must be strings, not {value!r}")
@@ -436,8 +434,13 @@ class AuditLog:
         records = [_checked(entry) for entry in entries]
         for record in records:
             record["time"] = now
+        return await self._append_together(records)
+
+    async def _append_together(self, entries: list[dict[str, Any]] | SignatureLines
+                               ) -> list[int]:
+        """Queue ``entries`` as one operation and wait until they are durable."""
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(records, future, many=True))
+        self._pending.append(_Pending(entries, future, many=True))
         self._wakeup.set()
         return await future
 
@@ -503,10 +506,7 @@ class AuditLog:
             return await self.append_many([
                 {**shared, "digest": digest, "request_id": request_id}
                 for digest, request_id in zip(digests, request_ids, strict=True)])
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(lines, future, many=True))
-        self._wakeup.set()
-        return await future
+        return await self._append_together(lines)
 
     async def record_event(self, kind: str, fields: Mapping[str, Any]) -> int:
         """Append an ``admin``, ``ceremony``, ``security``… entry with ``fields``."""

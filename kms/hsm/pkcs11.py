@@ -660,7 +660,7 @@ class Pkcs11Hsm:
         """
         check_digest(algorithm, digest)
         if self._closed:
-            raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
+            raise self._closed_error()
         loop = asyncio.get_running_loop()
         with self._queues_lock:
             queue = self._sign_queues.get(loop)
@@ -696,16 +696,26 @@ class Pkcs11Hsm:
             _resolve(items, outcomes)
             self._flush_signs(loop, queue)
 
-        def work() -> None:
-            outcomes = [self._sign_guarded(h, a, d) for h, a, d, _ in items]
+        def work() -> list[bytes | Exception]:
+            return [self._sign_guarded(h, a, d) for h, a, d, _ in items]
+
+        def handed_back(done: Future[list[bytes | Exception]]) -> None:
+            # Runs once the thread has left the module and released its lock, so the next
+            # group may go inline at once.
+            try:
+                outcomes = done.result()
+            except BaseException:  # cancelled by an executor shutting down
+                outcomes = [self._closed_error()] * len(items)
             with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
                 loop.call_soon_threadsafe(deliver, outcomes)
 
         try:
-            self._runtime.submit(work)
+            self._runtime.submit(work).add_done_callback(handed_back)
         except RuntimeError:  # executor shut down underneath us
-            closed = HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
-            deliver([closed] * len(items))
+            deliver([self._closed_error()] * len(items))
+
+    def _closed_error(self) -> HsmError:
+        return HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
 
     def _sign_slice_inline(
         self, items: list[tuple[bytes, Algorithm, bytes, asyncio.Future[bytes]]]
@@ -754,7 +764,7 @@ class Pkcs11Hsm:
         size = 8  # digests per slice, adjusted to the measured time per signature
         while len(results) < len(items):
             if self._closed:
-                raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
+                raise self._closed_error()
             rest = items[len(results):]
             if not self._runtime.lock.acquire(blocking=False):
                 results += await self._call(
@@ -801,12 +811,12 @@ class Pkcs11Hsm:
 
     async def _call(self, fn: Callable[[], T]) -> T:
         if self._closed:
-            raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed")
+            raise self._closed_error()
 
         try:
             future = self._runtime.submit(lambda: self._guarded(fn))
         except RuntimeError:  # executor shut down underneath us
-            raise HsmError(f"the HSM adapter for token {self._opened.label!r} is closed") from None
+            raise self._closed_error() from None
         return await asyncio.wrap_future(future)
 
     def _guarded(self, fn: Callable[[], T]) -> T:

@@ -48,7 +48,7 @@ proto: setup
 
 bench: setup
 	$(PY) -m pip install -q -e '.[dev,bench]'
-	$(PY) -m bench.run
+	$(PY) -m bench.run --soak 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -450,7 +450,6 @@ def targets_met(results: dict[str, Any]) -> dict[str, Any]:
     best_batch = max(p256["sign_batch_over_softhsm_ceiling"].values())
     digest64 = results["sign_digest"]["ecdsa-p256"]["64"]
     fence_p99 = results["fence"]["fence_ms"]["p99"]
-    memory = results.get("soak", {}).get("memory") or results["memory"]
     return {
         "sign_batch_at_least_70pct_of_softhsm_ceiling": {
             "met": best_batch >= 0.70, "measured": best_batch},
@@ -461,10 +460,20 @@ def targets_met(results: dict[str, Any]) -> dict[str, Any]:
             "met": digest64["latency_ms"]["p99"] < 20,
             "measured": round(digest64["latency_ms"]["p99"], 2)},
         "fence_p99_under_100ms": {"met": fence_p99 < 100, "measured": fence_p99},
-        "memory_flat": {"met": memory["flat"],
-                        "over": "soak" if "soak" in results else "default run (short)",
-                        "growth_mib": {p: w["growth_mib"] for p, w in memory["workers"].items()}},
+        "memory_flat": _memory_target(results),
     }
+
+
+def _memory_target(results: dict[str, Any]) -> dict[str, Any]:
+    """Judged over the soak only: the other phases change the load every few seconds and
+    start from idle workers, so their first tenth is not a baseline."""
+    soak = results.get("soak")
+    if soak is None:
+        return {"met": None, "over": None,
+                "why": "judged over a soak only: python -m bench.run --soak 300 (make bench)"}
+    memory = soak["memory"]
+    return {"met": memory["flat"], "over": f"soak of {soak['seconds']:.0f} s",
+            "growth_mib": {p: w["growth_mib"] for p, w in memory["workers"].items()}}
 
 
 def _series(samples: list[tuple[float, int, int]]) -> dict[str, list[list[float]]]:
@@ -502,7 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, args.out / "latest.png")
     say(f"wrote {args.out / 'latest.json'} and latest.png in {results['bench_seconds']} s")
     for name, target in results["targets_met"].items():
-        say(f"target {name}: {'met' if target['met'] else 'MISSED'} ({target})")
+        verdict = {True: "met", False: "MISSED", None: "not judged"}[target["met"]]
+        say(f"target {name}: {verdict} ({target})")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,8 @@ def run(soak_seconds: float, quick: bool) -> dict[str, Any]:
                 # (a) on the cluster's own token, while its workers idle.
                 results["ceilings"] = ceilings(hsm_settings(signer, dev.state_dir), cores, quick)
                 bench = Bench(cluster, signer, workers)
-                throughput(bench, cluster, dev.state_dir, results, seconds)
+                throughput(bench, cluster, dev.state_dir, results, seconds,
+                           hsm=hsm_settings(signer, dev.state_dir))
                 soak_from = memory.elapsed()
                 if soak_seconds:
                     say(f"soak: SignDigest at 16 callers for {soak_seconds:.0f} s")
@@ -339,7 +340,7 @@ def ceilings(hsm: dict[str, Any], cores: int, quick: bool) -> dict[str, Any]:
 
 
 def throughput(bench: Bench, cluster: ClusterFile, state_dir: Path, results: dict[str, Any],
-               seconds: float) -> None:
+               seconds: float, *, hsm: dict[str, Any]) -> None:
     with SignetClient.from_cluster(cluster, "admin", timeout=60.0) as client:
         admin = BenchAdmin(client, state_dir)
         for name in KEYS:
@@ -356,9 +357,15 @@ def throughput(bench: Bench, cluster: ClusterFile, state_dir: Path, results: dic
         # longer than the window, so its pass uses 16-digest batches from 4 callers.
         sizes, batch_callers = ((1, 16, 256), 8) if primary else (
             ((16,), 4) if name == "rsa-pss-3072" else ((256,), 8))
-        batch = {str(size): bench.load("batch", key_name=key, callers=batch_callers,
-                                       batch_size=size, seconds=span)
-                 for size in sizes}
+        batch = {}
+        for size in sizes:
+            bracket = primary and size == 256
+            before = _adjacent_ceiling(hsm, name, quick=seconds < 5) if bracket else None
+            batch[str(size)] = bench.load("batch", key_name=key, callers=batch_callers,
+                                          batch_size=size, seconds=span)
+            if before is not None:
+                results["sign_batch_adjacent_ceiling"] = _bracket(
+                    before, _adjacent_ceiling(hsm, name, quick=seconds < 5), batch[str(size)])
         results.setdefault("sign_digest", {})[name] = digest
         if primary:
             results["sign_digest_without_request_id"] = {
@@ -373,6 +380,25 @@ def throughput(bench: Bench, cluster: ClusterFile, state_dir: Path, results: dic
     trust = bench.load("trust", callers=16, seconds=max(1.5, seconds / 2))
     results["trust_bundle"] = {"available": True, "calls_per_second":
                                trust["calls_per_second"], "load": trust}
+
+
+def _adjacent_ceiling(hsm: dict[str, Any], algorithm: str, *, quick: bool) -> dict[str, Any]:
+    """The SoftHSM ceiling again, right next to a SignBatch phase (the workers idle)."""
+    return softhsm_ceiling(**hsm, algorithm=algorithm, processes=os.cpu_count() or 1,
+                           seconds=1.5 if quick else 3.0)
+
+
+def _bracket(before: dict[str, Any], after: dict[str, Any], batch: dict[str, Any]
+             ) -> dict[str, Any]:
+    """SignBatch 256 against the ceiling measured just before and just after it: this VM's
+    speed drifts by about a tenth over minutes, and the run's first ceiling is minutes old by
+    the time SignBatch runs (bench/README.md, round 5)."""
+    mean = (before["signatures_per_second"] + after["signatures_per_second"]) / 2
+    ratio = round(batch["items_per_second"] / mean, 3)
+    say(f"ceiling around SignBatch 256: {before['signatures_per_second']:.0f}/s before, "
+        f"{after['signatures_per_second']:.0f}/s after; SignBatch 256 = {ratio} of their mean")
+    return {"before": before, "after": after, "mean_signatures_per_second": round(mean, 1),
+            "sign_batch_256_over_adjacent_ceiling": ratio}
 
 
 def probe_phases(bench: Bench, seconds: float) -> dict[str, Any]:
@@ -452,7 +478,11 @@ def targets_met(results: dict[str, Any]) -> dict[str, Any]:
     fence_p99 = results["fence"]["fence_ms"]["p99"]
     return {
         "sign_batch_at_least_70pct_of_softhsm_ceiling": {
-            "met": best_batch >= 0.70, "measured": best_batch},
+            "met": best_batch >= 0.70, "measured": best_batch,
+            # Context, not the verdict: the same SignBatch 256 against the ceiling measured
+            # just before and after it.
+            "against_adjacent_ceiling": results.get("sign_batch_adjacent_ceiling", {}).get(
+                "sign_batch_256_over_adjacent_ceiling")},
         "sign_digest_4000_per_second_at_64_callers": {
             "met": digest64["items_per_second"] >= 4000,
             "measured": round(digest64["items_per_second"], 1)},

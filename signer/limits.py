@@ -13,7 +13,8 @@
   clears that column, so calls of a killed worker do not stay counted.
 
 Both forget identities beyond a bound (an identity forgotten starts again with a full bucket),
-which only ever errs generous.
+which only ever errs generous. An identity with neither limit (``limits: 0``, or a named
+identity with both at 0) is not counted at all.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class IdentityLimits:
     rps: float
     burst: int
     concurrency: int
+
+    @property
+    def unlimited(self) -> bool:
+        """Neither limit applies: such an identity's calls are not counted at all."""
+        return self.rps <= 0 and self.concurrency <= 0
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,8 @@ class LocalLimits:
 
     def admit(self, identity: str, now: float) -> Refusal | None:
         limits = self._config.for_identity(identity)
+        if limits.unlimited:
+            return None
         in_flight = self._in_flight.get(identity, 0)
         refusal = _check(limits, in_flight, lambda: self._buckets.bucket(
             identity, now, limits.rps, limits.burst).take(now))
@@ -171,6 +179,8 @@ class LocalLimits:
         return refusal
 
     def release(self, identity: str) -> None:
+        if self._config.for_identity(identity).unlimited:
+            return
         left = self._in_flight.get(identity, 0) - 1
         if left > 0:
             self._in_flight[identity] = left
@@ -223,6 +233,8 @@ class SharedLimits:
     def admit(self, identity: str, now: float) -> Refusal | None:
         worker = self._require_worker()
         limits = self._config.for_identity(identity)
+        if limits.unlimited:  # no books to keep: not even the table's lock (every call)
+            return None
         with self._locked():
             slot = self._find(self._hash(identity), now, claim=True, burst=limits.burst)
             if slot is None:  # every candidate slot busy: let it in uncounted (errs generous)
@@ -246,6 +258,8 @@ class SharedLimits:
 
     def release(self, identity: str) -> None:
         worker = self._require_worker()
+        if self._config.for_identity(identity).unlimited:
+            return
         with self._locked():
             slot = self._find(self._hash(identity), 0.0, claim=False)
             if slot is None:

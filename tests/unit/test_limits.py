@@ -159,3 +159,19 @@ def test_a_named_identity_has_its_own_limits(shared: bool) -> None:
     assert refused(refusal) == CONCURRENCY
     assert refusal is not None
     assert refusal.limits.concurrency == 1  # the message names the caller's own limit
+
+
+def test_an_unlimited_identity_is_not_counted_and_takes_no_slot() -> None:
+    """An identity with neither limit keeps no books: with a one-slot table, its calls in
+    flight leave the slot to a limited identity, whose own limit then holds."""
+    config = LimitsConfig(per_identity_rps=0, per_identity_concurrency=1, identities={
+        A: IdentityLimits(rps=0, burst=0, concurrency=0)})
+    shared = SharedLimits(config, workers=1, slots=1).for_worker(0)
+    now = time.monotonic()
+    assert admitted(shared, A, 3, now) == 3
+    assert shared.in_flight(A) == 0
+    assert shared.admit(B, now) is None
+    assert refused(shared.admit(B, now)) == CONCURRENCY  # B got the slot: A never held it
+    shared.release(A)  # matches an admit that counted nothing
+    assert shared.in_flight(B) == 1
+    shared.close()

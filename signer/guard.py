@@ -143,7 +143,6 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                  limiter: Limiter | None = None) -> None:
         """``limiter``: the books shared by every worker of the signer
         (``signer.limits.SharedLimits``); None keeps them in this process."""
-        self._config = config
         self._auditor = auditor
         self._insecure = insecure
         self._clock = clock

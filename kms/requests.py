@@ -22,6 +22,14 @@ all-or-nothing create transaction (claims; when some id in it already exists, th
 are answered and the rest are tried again). Under load one etcd round trip serves many
 requests; a lone request goes at once.
 
+New requests reach a worker one event-loop turn at a time, so without help a lookup group
+holds one or two of them even when dozens are in flight, and every etcd round trip costs the
+calling process ≈ 0.4 ms of CPU. So a lookup that starts a group *while other requests of this
+ledger are already past their own lookup* (the worker is busy) waits up to ``group_linger``
+(default 5 ms, like MySQL's ``binlog_group_commit_sync_delay``) for more to join; a request
+with none in progress beside it goes at once. The creates need no wait: they arrive together,
+released by one audit-log commit. Measured in ``bench/README.md`` (round 7).
+
 Records live on a shared *window lease* (TTL = the idempotency window), granted afresh every
 tenth of the window, so an id is remembered for between one and 1.1 windows; etcd deletes it
 then.
@@ -30,6 +38,7 @@ then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +56,7 @@ R = TypeVar("R")
 MAX_REQUEST_ID = 200
 MAX_GROUP = 128  # etcd's default --max-txn-ops
 DEFAULT_WINDOW_SECONDS = 600.0
+DEFAULT_GROUP_LINGER_SECONDS = 0.005
 
 
 class LedgerStore(Protocol):
@@ -79,17 +89,26 @@ class _Coalescer(Generic[A, R]):
     """Runs ``flush(group)`` for the arguments of concurrent calls, one group at a time: calls
     made while a group is in flight wait for the next one (at most ``MAX_GROUP`` each), so under
     load one etcd round trip serves many requests, and a lone call still goes at once. Each
-    caller gets its own result, or the group's exception."""
+    caller gets its own result, or the group's exception.
 
-    def __init__(self, flush: Callable[[list[A]], Awaitable[list[R]]], name: str) -> None:
+    ``linger(queued)``, if given, is asked when a call finds nothing in flight: the seconds
+    to wait for more calls before the first group goes (it goes early once ``MAX_GROUP`` are
+    queued); 0 sends it at once."""
+
+    def __init__(self, flush: Callable[[list[A]], Awaitable[list[R]]], name: str, *,
+                 linger: Callable[[int], float] | None = None) -> None:
         self._flush = flush
         self._name = name
+        self._linger = linger
         self._queue: list[tuple[A, asyncio.Future[R]]] = []
         self._draining: asyncio.Task[None] | None = None
+        self._full = asyncio.Event()
 
     async def __call__(self, argument: A) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((argument, future))
+        if len(self._queue) >= MAX_GROUP:
+            self._full.set()
         if self._draining is None:
             self._draining = asyncio.get_running_loop().create_task(
                 self._drain(), name=self._name)
@@ -97,6 +116,12 @@ class _Coalescer(Generic[A, R]):
 
     async def _drain(self) -> None:
         try:
+            wait = self._linger(len(self._queue)) if self._linger is not None else 0.0
+            if wait > 0 and len(self._queue) < MAX_GROUP:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._full.wait()
             while self._queue:
                 group = [(argument, future) for argument, future in self._queue[:MAX_GROUP]
                          if not future.done()]  # callers that gave up are skipped
@@ -141,9 +166,15 @@ class RequestLedger:
         self, store: LedgerStore, *, signer_id: str,
         window_seconds: float = DEFAULT_WINDOW_SECONDS, store_timeout: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
+        group_linger: float = DEFAULT_GROUP_LINGER_SECONDS,
     ) -> None:
+        """``group_linger``: how long a lookup waits for others to share its etcd round trip
+        while this ledger already has requests in progress (module docstring); 0 never
+        waits."""
         if window_seconds < 1:
             raise ValueError("the idempotency window must be at least 1 s")
+        if group_linger < 0:
+            raise ValueError("the group linger cannot be negative")
         self._store = store
         self._signer_id = signer_id
         self.window = window_seconds
@@ -151,10 +182,17 @@ class RequestLedger:
         self._now = wall_clock
         self._lease: tuple[int, float] | None = None  # id, monotonic time granted
         self._lease_lock = asyncio.Lock()
+        self._group_linger = group_linger
+        self._in_progress = 0  # calls of ``once`` not yet returned
         self._lookups: _Coalescer[str, bytes | None] = _Coalescer(
-            self._store.read_requests, "request-id lookups")
+            self._store.read_requests, "request-id lookups", linger=self._lookup_linger)
         self._claims: _Coalescer[tuple[str, bytes], bool | bytes] = _Coalescer(
             self._claim_group, "request-id claims")
+
+    def _lookup_linger(self, queued: int) -> float:
+        """Wait for company only while requests beyond the queued lookups are in progress: a
+        busy worker gains whole round trips, an idle one answers at once."""
+        return self._group_linger if self._in_progress > queued else 0.0
 
     async def _claim_group(self, claims: list[tuple[str, bytes]]) -> list[bool | bytes]:
         """True where this claim created its record; else the value stored first. A duplicate
@@ -203,6 +241,19 @@ class RequestLedger:
             raise InvalidArgument(
                 f"request id must be at most {MAX_REQUEST_ID} printable characters")
         path = self._store.layout.request(identity_hash(identity), request_id)
+        self._in_progress += 1
+        try:
+            return await self._once(path, request_id, bound_to, action, encode=encode,
+                                    decode=decode, still_valid=still_valid)
+        finally:
+            self._in_progress -= 1
+
+    async def _once(
+        self, path: str, request_id: str, bound_to: str,
+        action: Callable[[Callable[[T], Awaitable[None]]], Awaitable[T]],
+        *, encode: Callable[[T], dict[str, Any]], decode: Callable[[Mapping[str, Any]], T],
+        still_valid: Callable[[T], None],
+    ) -> T:
         try:
             async with asyncio.timeout(self._store_timeout):
                 # Serializable (the local member's view, no leader round): a result another

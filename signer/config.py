@@ -45,6 +45,8 @@ Example::
       bootstrap_register: false                 # dev only: register this region's transport
                                                 # key without the onboarding ceremony
       request_window_seconds: 600               # remember sign request ids this long; 0 off
+      request_group_linger_ms: 5                # a busy worker's request-id lookup waits this
+                                                # long for others to share its etcd round trip
 
     limits:                                     # optional (docs/adr/0012); these are defaults
       per_identity_rps: 2000                    # token-bucket refill per caller identity; 0 off
@@ -190,22 +192,30 @@ class MultiRegionConfig:
 
     bootstrap_register: bool = False
     request_window_seconds: float = 600.0
+    request_group_linger_ms: float = 5.0
 
 
 def _multi_region(raw: Any) -> MultiRegionConfig:
     if not isinstance(raw, Mapping) or set(raw) - {"bootstrap_register",
-                                                   "request_window_seconds"}:
+                                                   "request_window_seconds",
+                                                   "request_group_linger_ms"}:
         raise InvalidArgument("config 'multi_region' must be a mapping with only "
-                              "bootstrap_register and request_window_seconds")
+                              "bootstrap_register, request_window_seconds and "
+                              "request_group_linger_ms")
     register = raw.get("bootstrap_register", False)
     window = raw.get("request_window_seconds", 600)
+    linger = raw.get("request_group_linger_ms", 5)
     if not isinstance(register, bool):
         raise InvalidArgument("config multi_region.bootstrap_register must be true or false")
     if isinstance(window, bool) or not isinstance(window, int | float) or not (
             window == 0 or 1 <= window <= 86_400):
         raise InvalidArgument("config multi_region.request_window_seconds must be 0 (off) or "
                               "from 1 to 86400")
-    return MultiRegionConfig(register, float(window))
+    if isinstance(linger, bool) or not isinstance(linger, int | float) or not (
+            0 <= linger <= 100):
+        raise InvalidArgument("config multi_region.request_group_linger_ms must be from 0 "
+                              "(never wait) to 100")
+    return MultiRegionConfig(register, float(window), float(linger))
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,10 @@ def _request_ledger(config: ServerConfig, store: EtcdKeyStateStore, signer_id: s
                     ) -> RequestLedger | None:
     """Request-id idempotency (kms.requests), unless the window is 0."""
     window = config.multi_region.request_window_seconds
-    return RequestLedger(store, signer_id=signer_id, window_seconds=window) if window else None
+    if not window:
+        return None
+    return RequestLedger(store, signer_id=signer_id, window_seconds=window,
+                         group_linger=config.multi_region.request_group_linger_ms / 1000)
 
 
 @dataclass

@@ -124,7 +124,8 @@ CONFIG = {"region": "eu", "listen": "127.0.0.1:0", "insecure": True,
           "hsm": {"token_label": "t", "pin_env": "PIN"},
           "limits": {"per_identity_rps": 10, "per_identity_burst": 5,
                      "per_identity_concurrency": 2},
-          "multi_region": {"request_window_seconds": 5}, "lifecycle": {}, "audit": {},
+          "multi_region": {"request_window_seconds": 5, "request_group_linger_ms": 2},
+          "lifecycle": {}, "audit": {},
           "trust": {}, "telemetry": {}}
 
 

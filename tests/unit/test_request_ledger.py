@@ -125,3 +125,64 @@ def _hash(identity: str) -> str:
     return identity_hash(identity)
 
 
+
+
+class GatedLedgerStore(MemoryLedgerStore):
+    """Records the size of every lookup group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup_groups: list[int] = []
+
+    async def read_requests(self, paths: Sequence[str]) -> list[bytes | None]:
+        self.lookup_groups.append(len(paths))
+        return await super().read_requests(paths)
+
+
+def test_a_busy_ledger_holds_a_lookup_back_for_the_requests_arriving_next() -> None:
+    store = GatedLedgerStore()
+
+    async def scenario() -> None:
+        ledger = RequestLedger(store, signer_id="s", group_linger=0.5)
+        signing_started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(commit: Callable[[str], Awaitable[None]]) -> str:
+            signing_started.set()
+            await release.wait()
+            await commit("slow")
+            return "slow"
+
+        first = asyncio.create_task(ledger.once(
+            "spiffe://ci", "first", "k", slow, encode=lambda v: {"v": v},
+            decode=lambda r: str(r["v"]), still_valid=lambda _: None))
+        await signing_started.wait()  # "first" is past its lookup, signing
+        signed: list[int] = []
+        second = asyncio.create_task(once(ledger, "second", "sig2", signed))
+        await asyncio.sleep(0.02)  # well inside the linger
+        third = asyncio.create_task(once(ledger, "third", "sig3", signed))
+        assert await second == "sig2"
+        assert await third == "sig3"
+        release.set()
+        assert await first == "slow"
+
+    asyncio.run(scenario())
+    # The lone first lookup went alone; the two that came while it was signing went together.
+    assert store.lookup_groups == [1, 2]
+
+
+def test_an_idle_ledger_sends_a_lone_lookup_at_once() -> None:
+    store = GatedLedgerStore()
+
+    async def scenario() -> str:
+        # A linger longer than the deadline: only a lookup that does not wait can answer.
+        ledger = RequestLedger(store, signer_id="s", group_linger=60.0)
+        async with asyncio.timeout(10):
+            return await once(ledger, "alone", "sig", [])
+
+    assert asyncio.run(scenario()) == "sig"
+    assert store.lookup_groups == [1]
+
+
+def test_a_negative_group_linger_is_refused() -> None:
+    with pytest.raises(ValueError, match="linger"):
+        RequestLedger(MemoryLedgerStore(), signer_id="s", group_linger=-1)

@@ -38,23 +38,21 @@ then.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from kms.coalescing import Coalescer
 from kms.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-A = TypeVar("A")
-R = TypeVar("R")
 MAX_REQUEST_ID = 200
-MAX_GROUP = 128  # etcd's default --max-txn-ops
+_LEDGER_STOPPED = "the request-id ledger stopped"
 DEFAULT_WINDOW_SECONDS = 600.0
 DEFAULT_GROUP_LINGER_SECONDS = 0.005
 
@@ -66,12 +64,13 @@ class LedgerStore(Protocol):
     def layout(self) -> Any: ...
     async def grant_lease(self, ttl_seconds: int) -> int: ...
     async def read_requests(self, paths: Sequence[str]) -> list[bytes | None]:
-        """Serializable reads of at most ``MAX_GROUP`` paths in one round trip."""
+        """Serializable reads of at most ``kms.coalescing.MAX_GROUP`` paths in one round trip."""
         ...
 
     async def claim_requests(self, claims: Sequence[tuple[str, bytes]], lease_id: int
                              ) -> list[tuple[bool, bytes | None]]:
-        """Create-if-absent for at most ``MAX_GROUP`` distinct paths: (created, existing)."""
+        """Create-if-absent for at most ``kms.coalescing.MAX_GROUP`` distinct paths:
+        (created, existing)."""
         ...
 
 
@@ -83,74 +82,6 @@ def fingerprint(*parts: str) -> str:
     """What a request id is bound to (key, version, digest): reusing the id for anything else
     is refused."""
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:32]
-
-
-class _Coalescer(Generic[A, R]):
-    """Runs ``flush(group)`` for the arguments of concurrent calls, one group at a time: calls
-    made while a group is in flight wait for the next one (at most ``MAX_GROUP`` each), so under
-    load one etcd round trip serves many requests, and a lone call still goes at once. Each
-    caller gets its own result, or the group's exception.
-
-    ``linger(queued)``, if given, is asked when a call finds nothing in flight: the seconds
-    to wait for more calls before the first group goes (it goes early once ``MAX_GROUP`` are
-    queued); 0 sends it at once."""
-
-    def __init__(self, flush: Callable[[list[A]], Awaitable[list[R]]], name: str, *,
-                 linger: Callable[[int], float] | None = None) -> None:
-        self._flush = flush
-        self._name = name
-        self._linger = linger
-        self._queue: list[tuple[A, asyncio.Future[R]]] = []
-        self._draining: asyncio.Task[None] | None = None
-        self._full = asyncio.Event()
-
-    async def __call__(self, argument: A) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((argument, future))
-        if len(self._queue) >= MAX_GROUP:
-            self._full.set()
-        if self._draining is None:
-            self._draining = asyncio.get_running_loop().create_task(
-                self._drain(), name=self._name)
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            wait = self._linger(len(self._queue)) if self._linger is not None else 0.0
-            if wait > 0 and len(self._queue) < MAX_GROUP:
-                self._full.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._full.wait()
-            while self._queue:
-                group = [(argument, future) for argument, future in self._queue[:MAX_GROUP]
-                         if not future.done()]  # callers that gave up are skipped
-                del self._queue[:MAX_GROUP]
-                if group:
-                    await self._answer(group)
-        finally:
-            self._draining = None
-            _fail(self._queue, Unavailable("the request-id ledger stopped"))  # cancelled only
-            self._queue.clear()
-
-    async def _answer(self, group: list[tuple[A, asyncio.Future[R]]]) -> None:
-        try:
-            results = await self._flush([argument for argument, _ in group])
-        except Exception as error:  # each caller gets the group's failure
-            _fail(group, error)
-            return
-        except BaseException:  # cancelled (loop shutdown): nobody may wait forever
-            _fail(group, Unavailable("the request-id ledger stopped"))
-            raise
-        for (_, future), result in zip(group, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-
-def _fail(waiting: list[tuple[Any, asyncio.Future[Any]]], error: Exception) -> None:
-    for _, future in waiting:
-        if not future.done():
-            future.set_exception(error)
 
 
 class _Answered(Exception):
@@ -184,10 +115,11 @@ class RequestLedger:
         self._lease_lock = asyncio.Lock()
         self._group_linger = group_linger
         self._in_progress = 0  # calls of ``once`` not yet returned
-        self._lookups: _Coalescer[str, bytes | None] = _Coalescer(
-            self._store.read_requests, "request-id lookups", linger=self._lookup_linger)
-        self._claims: _Coalescer[tuple[str, bytes], bool | bytes] = _Coalescer(
-            self._claim_group, "request-id claims")
+        self._lookups: Coalescer[str, bytes | None] = Coalescer(
+            self._store.read_requests, "request-id lookups", linger=self._lookup_linger,
+            stopped=_LEDGER_STOPPED)
+        self._claims: Coalescer[tuple[str, bytes], bool | bytes] = Coalescer(
+            self._claim_group, "request-id claims", stopped=_LEDGER_STOPPED)
 
     def _lookup_linger(self, queued: int) -> float:
         """Wait for company only while requests beyond the queued lookups are in progress: a

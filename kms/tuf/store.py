@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kms.coalescing import Coalescer
 from kms.errors import AlreadyExists, Conflict, StateStoreError, Unavailable
 from kms.state.etcd import RecordRead, StateLayout
 from kms.tuf.repository import OnlineKey, Publication, canonical_json, unused_versions
@@ -117,6 +118,11 @@ class TufRepositoryStore:
         self._records = records
         self._layout = layout
         self._immutable: OrderedDict[str, bytes] = OrderedDict()
+        # Concurrent answers share the read of the pointer and timestamp; one that arrives
+        # while a read is in flight waits for the next, so what it gets was read after it came.
+        self._heads: Coalescer[None, RecordRead] = Coalescer(
+            self._read_heads, "trust repository reads",
+            stopped="the trust repository reader stopped")
 
     # -- online keys ---------------------------------------------------------------------
 
@@ -247,12 +253,16 @@ class TufRepositoryStore:
                 self._immutable.popitem(last=False)
         return found[0]
 
+    async def _read_heads(self, waiting: list[None]) -> list[RecordRead]:
+        paths = [self._layout.tuf_publication, self._layout.tuf_file("timestamp.json")]
+        head = await self._records.read_records(paths)
+        return [head] * len(waiting)
+
     async def current(self, known_root_version: int = 0) -> RepositoryView:
         """The published repository: pointer, timestamp, and what they name, plus the roots
         newer than ``known_root_version``. Raises ``Unavailable`` when nothing is published."""
-        file = self._layout.tuf_file
-        pointer, stamp = self._layout.tuf_publication, file("timestamp.json")
-        head = await self._records.read_records([pointer, stamp])
+        pointer, stamp = self._layout.tuf_publication, self._layout.tuf_file("timestamp.json")
+        head = await self._heads(None)
         if pointer not in head.records or stamp not in head.records:
             raise Unavailable(
                 "no trust bundle has been published yet: the cluster's root metadata may not "
@@ -269,10 +279,14 @@ class TufRepositoryStore:
                 raise Unavailable(f"repository file {name} is missing (a publication is in "
                                   "progress or the store is damaged); retry")
             found.append(data)
-        roots = await self.roots()
-        newer = tuple(roots[v] for v in range(known_root_version + 1,
-                                              publication.root_version + 1) if v in roots)
-        return RepositoryView(head.revision, publication, newer, head.records[stamp][0],
+        # Root files are immutable too (create-if-absent), so after the first answer these
+        # come from the cache: one etcd round trip per answer, not a read of every root.
+        newer = []
+        for version in range(known_root_version + 1, publication.root_version + 1):
+            root = await self.read_file(f"{version}.root.json")
+            if root is not None:
+                newer.append(root)
+        return RepositoryView(head.revision, publication, tuple(newer), head.records[stamp][0],
                               found[0], found[1], found[2])
 
 

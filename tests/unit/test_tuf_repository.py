@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Sequence
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,7 +15,7 @@ from tuf.api.metadata import Root
 
 from kms.domain.keys import Algorithm, Key, Replication
 from kms.errors import Conflict, InvalidArgument
-from kms.state.etcd import StateLayout
+from kms.state.etcd import RecordRead, StateLayout
 from kms.tuf.repository import (
     RETAINED_VERSIONS,
     ExpiryPolicy,
@@ -227,5 +228,59 @@ def test_two_publishers_never_interleave_versions() -> None:
         assert await repo.read_file("1.snapshot.json") == b"snap"
         assert await repo.read_file("2.root.json") == b"root2"
         assert await repo.read_file("../keys/x") is None
+
+    asyncio.run(scenario())
+
+
+class CountingRecordStore(MemoryRecordStore):
+    """Counts reads; each read takes a moment, as an etcd round trip does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+
+    async def read_records(self, paths: Sequence[str] = (), *,
+                           prefixes: Sequence[str] = ()) -> RecordRead:
+        self.reads.append((tuple(paths), tuple(prefixes)))
+        read = await super().read_records(paths, prefixes=prefixes)
+        await asyncio.sleep(0.01)
+        return read
+
+
+def test_concurrent_answers_share_one_fresh_read_and_roots_come_from_the_cache() -> None:
+    async def scenario() -> None:
+        records = CountingRecordStore()
+        repo = TufRepositoryStore(records, StateLayout())
+        key = online()
+        plan = plan_publication(None, root_version=2, online_key_ids=[key.key_id],
+                                bundle=bundle([], 1, key), bundle_etcd_revision=1, now=NOW,
+                                expiry=EXPIRY)
+        assert plan is not None
+        await repo.store_root(1, b"root1")
+        await repo.store_root(2, b"root2")
+        await repo.commit(0, plan.publication, PublicationFiles(b"ts", b"snap", b"targets",
+                                                                plan.bundle))
+        first = await repo.current(0)
+        assert first.roots == (b"root1", b"root2")
+        records.reads.clear()
+
+        views = await asyncio.gather(*(repo.current(known) for known in (0, 1, 2) * 4))
+        # Twelve answers, one read of the pointer and timestamp, nothing else from the store.
+        assert len(records.reads) == 1
+        assert not records.reads[0][1]  # no prefix read (of every root)
+        assert {view.revision for view in views} == {first.revision}
+        assert [view.roots for view in views[:3]] == [(b"root1", b"root2"), (b"root2",), ()]
+
+        # An answer asked for while a read is in flight waits for a read of its own, so it
+        # sees what was published before it asked.
+        records.reads.clear()
+        early = asyncio.create_task(repo.current(2))
+        await asyncio.sleep(0.001)  # the read for "early" is in flight
+        revision = await repo._records.write_records({StateLayout().tuf_file("timestamp.json"):
+                                                      b"ts2"})
+        late = await repo.current(2)
+        assert (await early).revision < revision <= late.revision
+        assert late.timestamp == b"ts2"
+        assert len(records.reads) == 2
 
     asyncio.run(scenario())

@@ -51,16 +51,19 @@ class LoadSpec:
     seconds: float = 5.0
     warmup: float = 1.0
     server_pids: tuple[int, ...] = ()
+    etcd_pids: tuple[int, ...] = ()  # the etcd members share the same cores: reported too
     # Like the client library, send a fresh request id with every call (the signer then
     # records it in its etcd request ledger, kms/requests.py); False sends none.
     request_ids: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoadSpec:
-        return cls(**{**data, "server_pids": tuple(data.get("server_pids", ()))})
+        return cls(**{**data, "server_pids": tuple(data.get("server_pids", ())),
+                      "etcd_pids": tuple(data.get("etcd_pids", ()))})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "server_pids": list(self.server_pids)}
+        return {**self.__dict__, "server_pids": list(self.server_pids),
+                "etcd_pids": list(self.etcd_pids)}
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -105,9 +108,11 @@ async def run(spec: LoadSpec, credentials: grpc.ChannelCredentials) -> dict[str,
         await asyncio.sleep(max(0.0, start_at - loop.time()))
         window["own0"], window["wall0"] = _own_cpu_seconds(), time.perf_counter()
         window["server0"] = sum(process_cpu_seconds(p) for p in spec.server_pids)
+        window["etcd0"] = sum(process_cpu_seconds(p) for p in spec.etcd_pids)
         await asyncio.sleep(max(0.0, end_at - loop.time()))
         window["own1"], window["wall1"] = _own_cpu_seconds(), time.perf_counter()
         window["server1"] = sum(process_cpu_seconds(p) for p in spec.server_pids)
+        window["etcd1"] = sum(process_cpu_seconds(p) for p in spec.etcd_pids)
 
     async def caller(number: int) -> None:
         nonlocal items
@@ -148,6 +153,8 @@ async def run(spec: LoadSpec, credentials: grpc.ChannelCredentials) -> dict[str,
         "load_generator_cores": (window["own1"] - window["own0"]) / wall,
         "server_cpu_seconds": window["server1"] - window["server0"],
         "server_cores": (window["server1"] - window["server0"]) / wall,
+        "etcd_cpu_seconds": window["etcd1"] - window["etcd0"],
+        "etcd_cores": (window["etcd1"] - window["etcd0"]) / wall,
     }
 
 

@@ -33,6 +33,7 @@ from kms.domain.keys import Algorithm
 from signer.client import SignetClient
 from signer.cluster import ClusterFile
 from signer.dev.cluster import DevCluster
+from signer.dev.etcd import EtcdCluster
 from signer.dev.processes import SignerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,10 +138,12 @@ class MemorySampler:
 
 
 class Bench:
-    def __init__(self, cluster: ClusterFile, signer: SignerProcess, workers: list[int]) -> None:
+    def __init__(self, cluster: ClusterFile, signer: SignerProcess, workers: list[int],
+                 etcd_pids: list[int]) -> None:
         self.cluster = cluster
         self.signer = signer
         self.workers = workers
+        self.etcd_pids = etcd_pids
         pipeline = cluster.identity("pipeline")
         self._base = {"endpoint": signer.endpoint, "ca": str(cluster.ca),
                       "cert": str(pipeline.cert), "key": str(pipeline.key)}
@@ -151,6 +154,7 @@ class Bench:
         spec = LoadSpec(**self._base, mode=mode, key_name=key_name, callers=callers,
                         channels=min(callers, 16), batch_size=batch_size, seconds=seconds,
                         warmup=warmup, server_pids=tuple(children(self.signer.pid or 0)),
+                        etcd_pids=tuple(self.etcd_pids),
                         request_ids=request_ids)
         run = subprocess.run([sys.executable, "-m", "bench.load", json.dumps(spec.to_dict())],
                              capture_output=True, text=True, cwd=ROOT, timeout=seconds + 120,
@@ -163,7 +167,8 @@ class Bench:
         say(f"{label:6} {key_name:14} callers={callers:<3} batch={batch_size:<4} "
             f"{result['items_per_second']:9.0f}/s  p50={latency['p50']:.2f} ms "
             f"p99={latency['p99']:.2f} ms  cpu: server {result['server_cores']:.2f} cores, "
-            f"load generator {result['load_generator_cores']:.2f} cores"
+            f"load generator {result['load_generator_cores']:.2f}, "
+            f"etcd {result['etcd_cores']:.2f}"
             + (f"  errors {result['errors']}" if result["errors"] else ""))
         return result
 
@@ -173,6 +178,12 @@ def hsm_settings(signer: SignerProcess, state_dir: Path) -> dict[str, str]:
     return {"conf": str(state_dir / "hsm" / "softhsm2.conf"), "module": config["hsm"]["module"],
             "label": config["hsm"]["token_label"],
             "pin": Path(config["hsm"]["pin_file"]).read_text().strip()}
+
+
+def etcd_pids(dev: DevCluster) -> list[int]:
+    """The dev cluster's running etcd members."""
+    return [pid for member in EtcdCluster.load(dev.state_dir / "etcd").members
+            if (pid := member.pid) is not None]
 
 
 def wait_for_workers(signer: SignerProcess, count: int, timeout: float = 60.0) -> list[int]:
@@ -276,7 +287,7 @@ def run(soak_seconds: float, quick: bool) -> dict[str, Any]:
             with MemorySampler(signer.pid or 0) as memory:
                 # (a) on the cluster's own token, while its workers idle.
                 results["ceilings"] = ceilings(hsm_settings(signer, dev.state_dir), cores, quick)
-                bench = Bench(cluster, signer, workers)
+                bench = Bench(cluster, signer, workers, etcd_pids(dev))
                 throughput(bench, cluster, dev.state_dir, results, seconds,
                            hsm=hsm_settings(signer, dev.state_dir))
                 soak_from = memory.elapsed()
@@ -431,7 +442,7 @@ def measure_cluster(state_dir: Path, *, telemetry: bool, seconds: float,
         with SignetClient.from_cluster(cluster, "admin", timeout=60.0) as client:
             BenchAdmin(client, state_dir).create_key("bench-ecdsa-p256", "ecdsa-p256")
         time.sleep(1.0)
-        return probe_phases(Bench(cluster, signer, workers), seconds)
+        return probe_phases(Bench(cluster, signer, workers, etcd_pids(dev)), seconds)
     finally:
         dev.down()
 

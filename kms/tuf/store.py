@@ -34,6 +34,7 @@ FILE_NAME = re.compile(
 )
 _ROOT_FILE = re.compile(r"^([1-9][0-9]{0,9})\.root\.json$")
 _IMMUTABLE_CACHE = 64
+_ROOTS_ONE_BY_ONE = 8  # more newer roots than this are read with one prefix range
 
 
 class RecordStore(Protocol):
@@ -279,13 +280,19 @@ class TufRepositoryStore:
                 raise Unavailable(f"repository file {name} is missing (a publication is in "
                                   "progress or the store is damaged); retry")
             found.append(data)
-        # Root files are immutable too (create-if-absent), so after the first answer these
-        # come from the cache: one etcd round trip per answer, not a read of every root.
-        newer = []
-        for version in range(known_root_version + 1, publication.root_version + 1):
-            root = await self.read_file(f"{version}.root.json")
-            if root is not None:
-                newer.append(root)
+        wanted = range(known_root_version + 1, publication.root_version + 1)
+        if len(wanted) > _ROOTS_ONE_BY_ONE:
+            # A client far behind: one read of every root beats a round trip per root.
+            roots = await self.roots()
+            newer = [roots[version] for version in wanted if version in roots]
+        else:
+            # Root files are immutable too (create-if-absent), so after the first answer
+            # these come from the cache: one etcd round trip per answer, not one per root.
+            newer = []
+            for version in wanted:
+                root = await self.read_file(f"{version}.root.json")
+                if root is not None:
+                    newer.append(root)
         return RepositoryView(head.revision, publication, tuple(newer), head.records[stamp][0],
                               found[0], found[1], found[2])
 

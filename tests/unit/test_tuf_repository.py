@@ -284,3 +284,27 @@ def test_concurrent_answers_share_one_fresh_read_and_roots_come_from_the_cache()
         assert len(records.reads) == 2
 
     asyncio.run(scenario())
+
+
+def test_a_client_many_roots_behind_gets_them_in_one_read() -> None:
+    async def scenario() -> None:
+        records = CountingRecordStore()
+        repo = TufRepositoryStore(records, StateLayout())
+        key = online()
+        for version in range(1, 21):
+            await repo.store_root(version, f"root{version}".encode())
+        plan = plan_publication(None, root_version=20, online_key_ids=[key.key_id],
+                                bundle=bundle([], 1, key), bundle_etcd_revision=1, now=NOW,
+                                expiry=EXPIRY)
+        assert plan is not None
+        await repo.commit(0, plan.publication, PublicationFiles(b"ts", b"snap", b"targets",
+                                                                plan.bundle))
+        await repo.current(20)  # the snapshot, targets and bundle are cached now
+        records.reads.clear()
+        view = await repo.current(0)
+        assert view.roots == tuple(f"root{v}".encode() for v in range(1, 21))
+        # The pointer and timestamp, then every root in one prefix range: two reads, not 21.
+        assert len(records.reads) == 2
+        assert records.reads[1][1]
+
+    asyncio.run(scenario())

@@ -155,7 +155,21 @@ async def run(spec: LoadSpec, credentials: grpc.ChannelCredentials) -> dict[str,
         "server_cores": (window["server1"] - window["server0"]) / wall,
         "etcd_cpu_seconds": window["etcd1"] - window["etcd0"],
         "etcd_cores": (window["etcd1"] - window["etcd0"]) / wall,
+        "cpu_ms_per_item": _cpu_per_item(window, items),
     }
+
+
+def _cpu_per_item(window: dict[str, float], items: int) -> dict[str, float] | None:
+    """Where one item's CPU went: the signer's workers, the load generator and etcd, which
+    all share the machine's cores (None when nothing completed)."""
+    if not items:
+        return None
+    parts = {"server": window["server1"] - window["server0"],
+             "load_generator": window["own1"] - window["own0"],
+             "etcd": window["etcd1"] - window["etcd0"]}
+    per_item = {name: round(seconds / items * 1000, 3) for name, seconds in parts.items()}
+    per_item["total"] = round(sum(parts.values()) / items * 1000, 3)
+    return per_item
 
 
 def _call_maker(spec: LoadSpec, channel: grpc.aio.Channel, digests: list[bytes],

@@ -486,6 +486,7 @@ def targets_met(results: dict[str, Any]) -> dict[str, Any]:
     p256 = results["ratios"]["ecdsa-p256"]
     best_batch = max(p256["sign_batch_over_softhsm_ceiling"].values())
     digest64 = results["sign_digest"]["ecdsa-p256"]["64"]
+    health = results.get("sign_digest_without_request_id", {}).get("health_check_64", {})
     fence_p99 = results["fence"]["fence_ms"]["p99"]
     return {
         "sign_batch_at_least_70pct_of_softhsm_ceiling": {
@@ -496,7 +497,13 @@ def targets_met(results: dict[str, Any]) -> dict[str, Any]:
                 "sign_batch_256_over_adjacent_ceiling")},
         "sign_digest_4000_per_second_at_64_callers": {
             "met": digest64["items_per_second"] >= 4000,
-            "measured": round(digest64["items_per_second"], 1)},
+            "measured": round(digest64["items_per_second"], 1),
+            # Context: the CPU one call may cost if 4,000/s are to fit on this machine's
+            # cores, against what a signature and a bare health check cost here (server,
+            # load generator and etcd together).
+            "cpu_ms_per_call_allowed": round((os.cpu_count() or 1) / 4000 * 1000, 3),
+            "cpu_ms_per_signature": (digest64.get("cpu_ms_per_item") or {}).get("total"),
+            "cpu_ms_per_health_check": (health.get("cpu_ms_per_item") or {}).get("total")},
         "sign_digest_p99_under_20ms_at_64_callers": {
             "met": digest64["latency_ms"]["p99"] < 20,
             "measured": round(digest64["latency_ms"]["p99"], 2)},

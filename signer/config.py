@@ -195,6 +195,11 @@ class MultiRegionConfig:
     request_group_linger_ms: float = 5.0
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float; YAML's ``true``/``false`` are not numbers here."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _multi_region(raw: Any) -> MultiRegionConfig:
     if not isinstance(raw, Mapping) or set(raw) - {"bootstrap_register",
                                                    "request_window_seconds",
@@ -207,12 +212,10 @@ def _multi_region(raw: Any) -> MultiRegionConfig:
     linger = raw.get("request_group_linger_ms", 5)
     if not isinstance(register, bool):
         raise InvalidArgument("config multi_region.bootstrap_register must be true or false")
-    if isinstance(window, bool) or not isinstance(window, int | float) or not (
-            window == 0 or 1 <= window <= 86_400):
+    if not _is_number(window) or not (window == 0 or 1 <= window <= 86_400):
         raise InvalidArgument("config multi_region.request_window_seconds must be 0 (off) or "
                               "from 1 to 86400")
-    if isinstance(linger, bool) or not isinstance(linger, int | float) or not (
-            0 <= linger <= 100):
+    if not _is_number(linger) or not 0 <= linger <= 100:
         raise InvalidArgument("config multi_region.request_group_linger_ms must be from 0 "
                               "(never wait) to 100")
     return MultiRegionConfig(register, float(window), float(linger))
@@ -402,7 +405,7 @@ def _ceremonies_required(raw: Any, insecure: bool) -> bool:
 
 def _ceremony_min_lifetime(raw: Any) -> float:
     value = raw.get("min_lifetime_seconds", 60) if isinstance(raw, Mapping) else 60
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= 60:
+    if not _is_number(value) or not 1 <= value <= 60:
         raise InvalidArgument("config ceremonies.min_lifetime_seconds must be 1 to 60 seconds "
                               "(lower than 60 only for tests)")
     return float(value)
@@ -411,7 +414,7 @@ def _ceremony_min_lifetime(raw: Any) -> float:
 def _ceremony_retention(raw: Any) -> float:
     value = raw.get("retention_seconds", DEFAULT_CEREMONY_RETENTION_SECONDS) \
         if isinstance(raw, Mapping) else DEFAULT_CEREMONY_RETENTION_SECONDS
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if not _is_number(value) or value < 0:
         raise InvalidArgument("config ceremonies.retention_seconds must be a number of seconds "
                               "(0 or more) after which closed proposals are deleted")
     return float(value)
@@ -433,7 +436,7 @@ def _lifecycle(raw: Any, lease_ttl: int) -> LifecycleConfig:
         raise InvalidArgument(f"config lifecycle has unknown fields: {sorted(unknown)}")
     numbers = {}
     for field_name, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if not _is_number(value) or value < 0:
             raise InvalidArgument(
                 f"config lifecycle.{field_name} must be a number of seconds (>= 0)"
             )
@@ -474,7 +477,7 @@ def _trust(raw: Any) -> TrustConfig:
     for name in ("timestamp_expiry_seconds", "timestamp_resign_seconds",
                  "metadata_expiry_seconds"):
         value = raw.get(name, getattr(TrustConfig, name))
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if not _is_number(value) or value <= 0:
             raise InvalidArgument(f"config trust.{name} must be a positive number of seconds")
         numbers[name] = float(value)
     trust = TrustConfig(http_listen=listen, **numbers)

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kms.errors import InvalidArgument
 from signer.config import ServerConfig
-
-BASE: dict[str, Any] = {
-    "region": "r1", "listen": "127.0.0.1:7443", "insecure": True,
-    "etcd": {"endpoints": ["127.0.0.1:2379"]},
-    "trust": {"http_listen": "127.0.0.1:8443"},
-}
+from tests.unit.config_helpers import server_config
 
 
 def config(**hsm: Any) -> ServerConfig:
-    return ServerConfig.from_dict({**BASE, "hsm": {"token_label": "t", "pin_env": "PIN", **hsm}},
-                                  base=Path("/etc/signet"))
+    return server_config(hsm={"token_label": "t", "pin_env": "PIN", **hsm})
 
 
 def test_signing_mode_defaults_to_auto_and_takes_the_documented_modes() -> None:

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kms.errors import InvalidArgument
 from signer.config import ServerConfig
-
-BASE: dict[str, Any] = {
-    "region": "r1", "listen": "127.0.0.1:7443", "insecure": True,
-    "etcd": {"endpoints": ["127.0.0.1:2379"]},
-    "hsm": {"token_label": "t", "pin_env": "PIN"},
-    "trust": {"http_listen": "127.0.0.1:8443"},
-}
+from tests.unit.config_helpers import server_config
 
 
 def config(**multi_region: Any) -> ServerConfig:
-    return ServerConfig.from_dict({**BASE, "multi_region": multi_region},
-                                  base=Path("/etc/signet"))
+    return server_config(multi_region=multi_region)
 
 
 def test_the_request_group_linger_defaults_to_5_ms_and_may_be_off() -> None:

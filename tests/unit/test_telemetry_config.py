@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kms.errors import InvalidArgument
 from signer.config import ServerConfig
-
-BASE: dict[str, Any] = {
-    "region": "r1", "listen": "127.0.0.1:7443", "insecure": True,
-    "etcd": {"endpoints": ["127.0.0.1:2379"]},
-    "hsm": {"token_label": "t", "pin_env": "PIN"},
-}
+from tests.unit.config_helpers import server_config
 
 
 def config(telemetry: dict[str, Any]) -> ServerConfig:
-    return ServerConfig.from_dict({**BASE, "telemetry": telemetry}, base=Path("/etc/signet"))
+    return server_config(telemetry=telemetry)
 
 
 def test_telemetry_is_on_unless_switched_off() -> None:

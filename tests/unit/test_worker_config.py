@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,17 +9,11 @@ import pytest
 from kms.errors import InvalidArgument
 from signer.config import ServerConfig
 from signer.workers import worker_config
-
-BASE: dict[str, Any] = {
-    "region": "r1", "listen": "127.0.0.1:7443", "insecure": True,
-    "etcd": {"endpoints": ["127.0.0.1:2379"]},
-    "hsm": {"token_label": "t", "pin_env": "PIN"},
-    "trust": {"http_listen": "127.0.0.1:8443"},
-}
+from tests.unit.config_helpers import server_config
 
 
 def config(**changes: Any) -> ServerConfig:
-    return ServerConfig.from_dict({**BASE, **changes}, base=Path("/etc/signet"))
+    return server_config(**changes)
 
 
 def test_default_is_one_worker_per_core(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,7 @@ DEFAULT_REGION = "local"
 CUSTODIANS = 3  # the same count and threshold as the TUF root (signer/dev/tuf.py)
 CUSTODIAN_THRESHOLD = 2
 EMERGENCY_THRESHOLD = 1
+STATUS_TIMEOUT_SECONDS = 3.0  # `signet dev status`: how long one etcd /health probe may take
 
 
 def default_policy() -> AccessPolicy:
@@ -315,7 +316,10 @@ class DevCluster:
         etcd_dir = self.state_dir / "etcd"
         if (etcd_dir / "cluster.json").exists():
             for member in EtcdCluster.load(etcd_dir).members:
-                etcd_members[member.endpoint] = "healthy" if member.healthy() else "unhealthy"
+                # One probe decides here, not a poll: give a busy member the time etcd's own
+                # /health check takes (its read may wait up to a second for a busy raft loop).
+                answered = member.healthy(timeout=STATUS_TIMEOUT_SECONDS)
+                etcd_members[member.endpoint] = "healthy" if answered else "unhealthy"
         healthy = all(s == "SERVING" for s in signers.values()) and all(
             s == "healthy" for s in etcd_members.values()
         )

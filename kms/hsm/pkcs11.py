@@ -100,6 +100,11 @@ EC_PARAMS_ED25519 = bytes.fromhex("06032b6570")  # 1.3.101.112 (id-Ed25519)
 RSA_MODULUS_BITS = 3072
 PSS_SALT_LENGTH = 32
 
+# Signed with one C_SignInit + C_Sign through kms.hsm.direct when the module allows it.
+_DIRECT_MECHANISMS: dict[Algorithm, int] = {
+    Algorithm.ECDSA_P256_SHA256: CKM_ECDSA,  # SoftHSM 2.6.1 has no CKM_ECDSA_SHA256
+    Algorithm.ED25519: CKM_EDDSA,
+}
 _ALLOWED_DIGEST_SIZES: dict[Algorithm, frozenset[int]] = {
     Algorithm.ECDSA_P256_SHA256: frozenset({32}),
     Algorithm.RSA_PSS_3072_SHA256: frozenset({32}),
@@ -187,9 +192,18 @@ def ecdsa_raw_to_der(raw: bytes) -> bytes:
     if not raw or len(raw) % 2:
         raise HsmError(f"HSM returned a malformed ECDSA signature ({len(raw)} bytes)")
     half = len(raw) // 2
-    return encode_dss_signature(
-        int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
-    )
+    if half > 61:  # too long for DER short-form lengths (not P-256): the general encoder
+        return encode_dss_signature(
+            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+    # Two minimal unsigned INTEGERs in a SEQUENCE, built from bytes: half the CPU of going
+    # through Python ints, and this runs once per signature.
+    r, s = raw[:half].lstrip(b"\0"), raw[half:].lstrip(b"\0")
+    if not r or r[0] & 0x80:
+        r = b"\0" + r
+    if not s or s[0] & 0x80:
+        s = b"\0" + s
+    return b"".join((bytes((0x30, len(r) + len(s) + 4, 0x02, len(r))), r,
+                     bytes((0x02, len(s))), s))
 
 
 def unwrap_der_octet_string(data: bytes) -> bytes:
@@ -975,13 +989,27 @@ class Pkcs11Hsm:
     def _sign_many(
         self, hsm_id: bytes, algorithm: Algorithm, digests: list[bytes]
     ) -> list[bytes | Exception]:
+        """Every well-sized digest in one ``DirectSigner.sign_all`` when the module allows
+        it; a digest refused there, or any digest without it, signs alone through
+        python-pkcs11 (``_sign_with``), which gives the precise error."""
         private = self._private_key(hsm_id, algorithm)
         direct = self._runtime.direct
+        mechanism = _DIRECT_MECHANISMS.get(algorithm)
+        allowed = _ALLOWED_DIGEST_SIZES[algorithm]
+        raws = iter(direct.sign_all(private.session.handle, private.handle, mechanism,
+                                    [digest for digest in digests if len(digest) in allowed])
+                    if direct is not None and mechanism is not None else ())
+        ecdsa = algorithm is Algorithm.ECDSA_P256_SHA256
         results: list[bytes | Exception] = []
         for digest in digests:
             try:
-                check_digest(algorithm, digest)
-                results.append(_sign_with(private, algorithm, digest, direct))
+                if len(digest) not in allowed:
+                    check_digest(algorithm, digest)  # raises the precise InvalidArgument
+                raw = next(raws, None)
+                if raw is None:
+                    results.append(_sign_with(private, algorithm, digest))
+                else:
+                    results.append(ecdsa_raw_to_der(raw) if ecdsa else raw)
             except _KEY_MISSING:
                 self._forget(hsm_id)
                 raise

@@ -546,16 +546,63 @@ def test_direct_c_sign_signs_like_python_pkcs11_and_refuses_cleanly(
             again = direct.sign(session.handle, private.handle, mechanism, digest)
             return good, unknown_key, again
 
-        return (pair.public_key_der, *await hsm.run_with_session(sign_three))
+        def sign_all(session: Any) -> tuple[list[bytes | None], list[bytes | None]]:
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=pair.hsm_id)
+            refused = direct.sign_all(session.handle, 0x7FFFFFF0, mechanism, [digest] * 2)
+            return refused, direct.sign_all(session.handle, private.handle, mechanism,
+                                            [digest] * 3)
 
-    public_der, good, unknown_key, again = run(scenario())
+        three = await hsm.run_with_session(sign_three)
+        refused, signed = await hsm.run_with_session(sign_all)
+        assert refused == [None, None]
+        return (pair.public_key_der, three[0], three[1], three[2], *signed)
+
+    public_der, good, unknown_key, *others = run(scenario())
     assert unknown_key is None
-    for raw in (good, again):
+    for raw in (good, *others):
         assert raw is not None
         signature = (raw if algorithm is Algorithm.ED25519
                      else encode_dss_signature(int.from_bytes(raw[:32], "big"),
                                                int.from_bytes(raw[32:], "big")))
         verify(public_der, algorithm, digest, signature)
+
+
+class _RefusesSome:
+    """A DirectSigner whose module call refuses the digests in ``refused`` (as a module
+    without a mechanism, or after a transient error, would)."""
+
+    def __init__(self, real: Any, refused: set[bytes]) -> None:
+        self._real, self._refused = real, refused
+
+    def sign_all(self, session: int, key: int, mechanism: int,
+                 digests: list[bytes]) -> list[bytes | None]:
+        return [None if digest in self._refused
+                else self._real.sign(session, key, mechanism, digest) for digest in digests]
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.ECDSA_P256_SHA256, Algorithm.ED25519],
+                         ids=lambda a: a.short_name)
+def test_a_batch_signs_what_the_direct_path_refused_through_python_pkcs11(
+    hsm: Pkcs11Hsm, algorithm: Algorithm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A digest the one-call path gives up on is signed again alone, in its place; a
+    wrong-size digest beside it is still refused on its own."""
+    digests = [digest_of(f"item-{i}") for i in range(6)]
+    monkeypatch.setattr(hsm._runtime, "direct",
+                        _RefusesSome(hsm._runtime.direct, {digests[1], digests[4]}))
+    items = [*digests[:3], b"short", *digests[3:]]
+
+    async def scenario() -> tuple[bytes, list[bytes | Exception]]:
+        pair = await hsm.generate_key_pair(label="refused", algorithm=algorithm,
+                                           extractable=False)
+        return pair.public_key_der, await hsm.sign_digests(pair.hsm_id, algorithm, items)
+
+    public_der, results = run(scenario())
+
+    assert isinstance(results.pop(3), InvalidArgument)
+    for digest, result in zip(digests, results, strict=True):
+        assert isinstance(result, bytes)
+        verify(public_der, algorithm, digest, result)
 
 
 def test_softhsm_signs_with_a_sensitive_session_copy_under_its_own_id(hsm: Pkcs11Hsm) -> None:

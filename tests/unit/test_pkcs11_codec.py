@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from kms.domain.keys import Algorithm
 from kms.errors import HsmError, InvalidArgument
@@ -41,6 +45,17 @@ def test_raw_ecdsa_signature_becomes_der_that_verifies() -> None:
 def test_raw_ecdsa_with_leading_zero_bytes_keeps_its_integers() -> None:
     raw = bytes(31) + b"\x01" + bytes(31) + b"\x02"
     assert decode_dss_signature(ecdsa_raw_to_der(raw)) == (1, 2)
+
+
+@pytest.mark.parametrize("raw", [
+    bytes(64), b"\x80" * 64, bytes(31) + b"\x80" + bytes(31) + b"\x7f",
+    b"\x7f" + bytes(31) + b"\xff" * 32, bytes(range(64)), bytes(range(255, 191, -1)),
+    b"\x01" * 128,  # past DER's short-form lengths: the general encoder
+], ids=["zeros", "high-bits", "padded-high", "mixed", "ascending", "descending", "long"])
+def test_raw_ecdsa_to_der_matches_the_general_encoder(raw: bytes) -> None:
+    half = len(raw) // 2
+    assert ecdsa_raw_to_der(raw) == encode_dss_signature(
+        int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x01" * 63])

@@ -184,15 +184,18 @@ def _call_maker(spec: LoadSpec, channel: grpc.aio.Channel, digests: list[bytes],
 
     run = os.urandom(6).hex()  # request ids never repeat across runs
 
+    def request_id(n: int) -> str:
+        return f"bench-{run}-{number}-{n}" if spec.request_ids else ""
+
     async def sign_digest(n: int) -> int:
-        request_id = f"bench-{run}-{number}-{n}" if spec.request_ids else ""
         await signing.SignDigest(signing_pb2.SignDigestRequest(
-            key=spec.key_name, request_id=request_id, digest=digest(n)), timeout=10)
+            key=spec.key_name, request_id=request_id(n),
+            digest=digest(n)), timeout=10)
         return 1
 
     async def sign_batch(n: int) -> int:
         response = await signing.SignBatch(signing_pb2.SignBatchRequest(
-            key=spec.key_name, request_id=f"bench-{run}-{number}-{n}",
+            key=spec.key_name, request_id=request_id(n),
             digests=[digest(n + i) for i in range(spec.batch_size)]), timeout=60)
         count = sum(1 for r in response.results if r.HasField("signature"))
         if count != spec.batch_size:

@@ -187,15 +187,16 @@ def _call_maker(spec: LoadSpec, channel: grpc.aio.Channel, digests: list[bytes],
     def request_id(n: int) -> str:
         return f"bench-{run}-{number}-{n}" if spec.request_ids else ""
 
+    # Each id is generated here and sent once, as the client library's first attempt does.
     async def sign_digest(n: int) -> int:
         await signing.SignDigest(signing_pb2.SignDigestRequest(
-            key=spec.key_name, request_id=request_id(n),
+            key=spec.key_name, request_id=request_id(n), new_request_id=spec.request_ids,
             digest=digest(n)), timeout=10)
         return 1
 
     async def sign_batch(n: int) -> int:
         response = await signing.SignBatch(signing_pb2.SignBatchRequest(
-            key=spec.key_name, request_id=request_id(n),
+            key=spec.key_name, request_id=request_id(n), new_request_id=spec.request_ids,
             digests=[digest(n + i) for i in range(spec.batch_size)]), timeout=60)
         count = sum(1 for r in response.results if r.HasField("signature"))
         if count != spec.batch_size:

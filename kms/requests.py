@@ -11,7 +11,14 @@ I2). Dropped signatures are audited but never returned, which ADR 0005 allows.
 One etcd write per request (no claim before signing) keeps the cost low: etcd batches
 concurrent transactions into one disk sync. A read before signing (no disk sync) answers the
 usual retry — one that arrives after the first attempt finished — from the stored result, so
-only a retry racing the original is signed twice (audited, never returned twice). The read is
+only a retry racing the original is signed twice (audited, never returned twice). A request
+whose client marks its id *new* (generated for this call, sent for the first time: nothing can
+be stored under it yet) skips that read when nothing else of this ledger is in progress — a
+lone client saves an etcd round trip (≈ 1 ms). Under load it joins the lookup group like any
+other: the groups are where concurrent requests gather, so their audit commits and creates
+share round trips too, and skipping the read there measured slower (bench/README.md, round
+8). The mark is only a hint: a wrong one costs one more audited signature, and the create
+below still returns the stored result. The read is
 *serializable* (the local member's state): it may miss a result committed a moment ago through
 another member, which costs one more audited-but-never-returned signature, never a second
 acknowledged one, since the create-if-absent transaction decides.
@@ -158,12 +165,14 @@ class RequestLedger:
         self, identity: str, request_id: str, bound_to: str,
         action: Callable[[Callable[[T], Awaitable[None]]], Awaitable[T]],
         *, encode: Callable[[T], dict[str, Any]], decode: Callable[[Mapping[str, Any]], T],
-        still_valid: Callable[[T], None],
+        still_valid: Callable[[T], None], new_id: bool = False,
     ) -> T:
         """Run ``action(commit)``; ``action`` calls ``commit(result)`` before it returns the
         result. If a result for this (identity, request id) was stored first — by another
         region, or by the attempt a retry repeats — that stored result is returned instead,
-        once it passes ``still_valid``.
+        once it passes ``still_valid``. ``new_id``: the client says it generated the id for
+        this call and sends it for the first time, so no stored result is looked for before
+        ``action`` (module docstring).
 
         Raises ``InvalidArgument`` for a malformed id or one reused for another request,
         ``Unavailable`` when etcd does not take the record in time (nothing is returned then),
@@ -173,10 +182,14 @@ class RequestLedger:
             raise InvalidArgument(
                 f"request id must be at most {MAX_REQUEST_ID} printable characters")
         path = self._store.layout.request(identity_hash(identity), request_id)
+        # A new id skips the lookup only while nothing else is in progress: under load the
+        # lookup groups are where concurrent requests gather, and their audit commits and
+        # creates then share round trips too (module docstring).
+        look_up = not (new_id and self._in_progress == 0)
         self._in_progress += 1
         try:
             return await self._once(path, request_id, bound_to, action, encode=encode,
-                                    decode=decode, still_valid=still_valid)
+                                    decode=decode, still_valid=still_valid, look_up=look_up)
         finally:
             self._in_progress -= 1
 
@@ -184,20 +197,13 @@ class RequestLedger:
         self, path: str, request_id: str, bound_to: str,
         action: Callable[[Callable[[T], Awaitable[None]]], Awaitable[T]],
         *, encode: Callable[[T], dict[str, Any]], decode: Callable[[Mapping[str, Any]], T],
-        still_valid: Callable[[T], None],
+        still_valid: Callable[[T], None], look_up: bool,
     ) -> T:
-        try:
-            async with asyncio.timeout(self._store_timeout):
-                # Serializable (the local member's view, no leader round): a result another
-                # region stored moments ago may be missed; then this attempt signs, audits and
-                # loses the create below, and returns the stored result (docs/adr/0010).
-                found = await self._lookups(path)
-        except TimeoutError:
-            raise Unavailable(
-                "cannot look up the request id: etcd did not answer in time; retry, or use "
-                "another region") from None
-        if found is not None:
-            return self._stored(json.loads(found), request_id, bound_to, decode, still_valid)
+        if look_up:
+            found = await self._look_up(path)
+            if found is not None:
+                return self._stored(json.loads(found), request_id, bound_to, decode,
+                                    still_valid)
 
         async def commit(result: T) -> None:
             record = {"bound_to": bound_to, "owner": self._signer_id,
@@ -218,6 +224,20 @@ class RequestLedger:
             return await action(commit)
         except _Answered as answered:
             return self._stored(answered.record, request_id, bound_to, decode, still_valid)
+
+    async def _look_up(self, path: str) -> bytes | None:
+        """The stored record at ``path``, if any. Raises ``Unavailable`` when etcd does not
+        answer in time."""
+        try:
+            async with asyncio.timeout(self._store_timeout):
+                # Serializable (the local member's view, no leader round): a result another
+                # region stored moments ago may be missed; then this attempt signs, audits and
+                # loses the create below, and returns the stored result (docs/adr/0010).
+                return await self._lookups(path)
+        except TimeoutError:
+            raise Unavailable(
+                "cannot look up the request id: etcd did not answer in time; retry, or use "
+                "another region") from None
 
     @staticmethod
     def _stored(record: Mapping[str, Any], request_id: str, bound_to: str,

@@ -168,13 +168,15 @@ class SigningService:
 
     async def sign_digest(
         self, caller: Caller, key_name: str, version: int | None, digest: Digest,
-        *, request_id: str = "",
+        *, request_id: str = "", new_request_id: bool = False,
     ) -> Signature:
         """Sign one digest. Raises ``InvalidArgument``, ``NotFound``, ``PermissionDenied``,
         ``FailedPrecondition``, ``Unavailable`` (also for a multi-region version not yet
         replicated here) or ``Conflict``; never returns an unfenced or unaudited signature.
         With a request ledger, a request id seen in the window returns the original
-        signature instead of signing again."""
+        signature instead of signing again. ``new_request_id``: the client generated the id
+        for this call and sends it for the first time, so the ledger does not look for a
+        stored result before signing (kms.requests)."""
         if self._requests is None or not request_id:
             return await self._sign_digest(caller, key_name, version, digest,
                                            request_id=request_id, commit=None)
@@ -188,6 +190,7 @@ class SigningService:
                                              request_id=request_id, commit=commit),
             encode=_signature_record, decode=_signature_from_record,
             still_valid=lambda sig: self._still_valid(sig.key, sig.version),
+            new_id=new_request_id,
         )
 
     async def _sign_digest(
@@ -228,13 +231,15 @@ class SigningService:
         digests: Sequence[Digest | KmsError],
         *,
         request_id: str = "",
+        new_request_id: bool = False,
     ) -> list[Signature | KmsError]:
         """Sign up to ``MAX_BATCH`` digests with one key version. Items that were already
         invalid (passed in as errors) or that fail alone keep their own error; the others
         are signed and audited (item ``i`` under request id ``<request_id>#<i>``); an item
         whose audit record fails gets ``Unavailable`` instead of its signature. Errors about
         the key or caller fail the whole batch. With a request ledger, a request id seen in
-        the window returns the stored outcomes instead of signing again."""
+        the window returns the stored outcomes instead of signing again (``new_request_id``
+        as in ``sign_digest``)."""
         if not digests:
             raise InvalidArgument("a batch needs at least one digest")
         if len(digests) > MAX_BATCH:
@@ -252,7 +257,7 @@ class SigningService:
             lambda commit: self._sign_batch_tracked(caller, key_name, version, digests,
                                                     request_id=request_id, commit=commit),
             encode=_batch_record, decode=_batch_from_record,
-            still_valid=self._batch_still_valid,
+            still_valid=self._batch_still_valid, new_id=new_request_id,
         )
 
     async def _sign_batch_tracked(

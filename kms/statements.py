@@ -50,11 +50,12 @@ class StatementSigning:
 
     async def _sign_message(
         self, caller: Caller, key_name: str, version: int | None, message: bytes,
-        request_id: str,
+        *, request_id: str, new_request_id: bool,
     ) -> Signature:
         digest = Digest(DigestAlgorithm.SHA256, hashlib.sha256(message).digest())
         return await self._signing.sign_digest(
-            caller, key_name, version, digest, request_id=request_id)
+            caller, key_name, version, digest, request_id=request_id,
+            new_request_id=new_request_id)
 
     async def sign_statement(
         self,
@@ -65,9 +66,10 @@ class StatementSigning:
         pae: bytes,
         *,
         request_id: str = "",
+        new_request_id: bool = False,
     ) -> Signature:
         """Sign a structurally valid in-toto statement whose DSSE PAE is ``pae``; the audit
-        entry carries ``request_id``.
+        entry carries ``request_id`` (``new_request_id`` as in ``SigningService.sign_digest``).
 
         Raises ``InvalidArgument`` (no key name), ``PermissionDenied`` (key not granted, or no
         statement policy for the caller), ``FailedPrecondition`` naming the failing rule or an
@@ -81,7 +83,8 @@ class StatementSigning:
             assert policy is not None  # noqa: S101 -- checked by _policy_check
             policy.check_statement(caller.identity, key_name, statement)
         self._require_message_key(key_name)
-        return await self._sign_message(caller, key_name, version, pae, request_id)
+        return await self._sign_message(caller, key_name, version, pae,
+                                        request_id=request_id, new_request_id=new_request_id)
 
     async def sign_image(
         self,
@@ -92,6 +95,7 @@ class StatementSigning:
         payload: bytes,
         *,
         request_id: str = "",
+        new_request_id: bool = False,
     ) -> Signature:
         """Sign a simple-signing ``payload`` for the image repository ``image_name``
         (``registry/repository``). Raises like :meth:`sign_statement`; a registry outside the
@@ -104,4 +108,5 @@ class StatementSigning:
             assert policy is not None  # noqa: S101 -- checked by _policy_check
             policy.check_image(caller.identity, key_name, image_name)
         self._require_message_key(key_name)
-        return await self._sign_message(caller, key_name, version, payload, request_id)
+        return await self._sign_message(caller, key_name, version, payload,
+                                        request_id=request_id, new_request_id=new_request_id)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -30,6 +30,35 @@ from signer.cluster import ClusterFile
 from signer.errors import SignetError
 
 T = TypeVar("T")
+
+
+class _NamesItsRequestId(Protocol):
+    new_request_id: bool
+
+
+R = TypeVar("R", bound=_NamesItsRequestId)
+
+
+def request_id_for(request_id: str | None) -> tuple[str, bool]:
+    """The request id to send and whether it is new: one generated here is (nothing can be
+    stored under it yet); the caller's own is not, as the caller may be retrying."""
+    return (request_id, False) if request_id else (str(uuid.uuid4()), True)
+
+
+def first_send_only(request: R) -> Callable[[], R]:
+    """``request`` for each attempt of ``SignetClient._call``, its ``new_request_id`` kept
+    for the first send only: a later attempt may find what the first one stored
+    (signing.proto)."""
+    sends = 0
+
+    def next_send() -> R:
+        nonlocal sends
+        if sends:
+            request.new_request_id = False
+        sends += 1
+        return request
+
+    return next_send
 # Seconds an endpoint that failed with a retryable status waits behind the others (_call).
 FAILOVER_COOLDOWN = 2.0
 # CANCELLED too: this client never cancels its own calls, so it means the signer gave up on
@@ -222,12 +251,13 @@ class SignetClient:
         self, key: str, digest: Digest, *, version: int | None = None,
         request_id: str | None = None,
     ) -> Signature:
-        request = signing_pb2.SignDigestRequest(
+        request_id, new = request_id_for(request_id)
+        send = first_send_only(signing_pb2.SignDigestRequest(
             key=key, key_version=version or 0, digest=convert.digest_to_pb(digest),
-            request_id=request_id or str(uuid.uuid4()),
-        )
+            request_id=request_id, new_request_id=new,
+        ))
         response = self._call(
-            lambda ch: signing_pb2_grpc.SigningStub(ch).SignDigest(request, timeout=self._timeout)
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignDigest(send(), timeout=self._timeout)
         )
         return _signature(response)
 
@@ -235,18 +265,18 @@ class SignetClient:
         self, key: str, digests: Sequence[Digest], *, version: int | None = None,
         request_id: str | None = None,
     ) -> list[Signature | SignetError]:
-        return self._sign_batch(key, digests, version, request_id, lane=0)
+        return self._sign_batch(key, digests, version, *request_id_for(request_id), lane=0)
 
     def _sign_batch(
         self, key: str, digests: Sequence[Digest], version: int | None,
-        request_id: str | None, *, lane: int,
+        request_id: str, new_request_id: bool, *, lane: int,
     ) -> list[Signature | SignetError]:
-        request = signing_pb2.SignBatchRequest(
+        send = first_send_only(signing_pb2.SignBatchRequest(
             key=key, key_version=version or 0, digests=[convert.digest_to_pb(d) for d in digests],
-            request_id=request_id or str(uuid.uuid4()),
-        )
+            request_id=request_id, new_request_id=new_request_id,
+        ))
         response = self._call(
-            lambda ch: signing_pb2_grpc.SigningStub(ch).SignBatch(request, timeout=self._timeout),
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignBatch(send(), timeout=self._timeout),
             self._lane(lane),
         )
         return [
@@ -271,16 +301,16 @@ class SignetClient:
             raise ValueError(f"batch_size must be from 1 to {MAX_BATCH}")
         if concurrency < 1:
             raise ValueError("concurrency must be 1 or more")
-        base = request_id or str(uuid.uuid4())
+        base, new = request_id_for(request_id)
         chunks = [digests[i:i + batch_size] for i in range(0, len(digests), batch_size)]
         if len(chunks) <= 1 or concurrency == 1:
             return [result for n, chunk in enumerate(chunks) for result in
-                    self.sign_batch(key, chunk, version=version, request_id=f"{base}/{n}")]
+                    self._sign_batch(key, chunk, version, f"{base}/{n}", new, lane=0)]
         with ThreadPoolExecutor(max_workers=min(concurrency, len(chunks)),
                                 thread_name_prefix="signet-sign-many") as pool:
             lanes = min(concurrency, len(chunks))
             futures = [
-                pool.submit(self._sign_batch, key, chunk, version, f"{base}/{n}",
+                pool.submit(self._sign_batch, key, chunk, version, f"{base}/{n}", new,
                             lane=n % lanes)
                 for n, chunk in enumerate(chunks)
             ]

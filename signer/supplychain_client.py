@@ -3,7 +3,6 @@ channels and failover (``SignetClient._call``)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from signer._pb.signet.v1 import (
     signing_pb2,
     signing_pb2_grpc,
 )
-from signer.client import SignetClient
+from signer.client import SignetClient, first_send_only, request_id_for
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,14 @@ class SupplyChainClient:
         self, key: str, statement_json: bytes, *, version: int | None = None,
         request_id: str | None = None,
     ) -> SignedStatement:
-        request = signing_pb2.SignStatementRequest(
+        request_id, new = request_id_for(request_id)
+        send = first_send_only(signing_pb2.SignStatementRequest(
             key=key, key_version=version or 0, statement_json=statement_json,
-            request_id=request_id or str(uuid.uuid4()),
-        )
+            request_id=request_id, new_request_id=new,
+        ))
         timeout = self._client._timeout
         r = self._client._call(
-            lambda ch: signing_pb2_grpc.SigningStub(ch).SignStatement(request, timeout=timeout)
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignStatement(send(), timeout=timeout)
         )
         return SignedStatement(r.envelope_json, r.key, r.key_version, r.key_id, r.revision)
 
@@ -66,14 +66,15 @@ class SupplyChainClient:
         annotations: Mapping[str, str] | None = None, version: int | None = None,
         request_id: str | None = None,
     ) -> SignedImage:
-        request = signing_pb2.SignImageRequest(
+        request_id, new = request_id_for(request_id)
+        send = first_send_only(signing_pb2.SignImageRequest(
             key=key, key_version=version or 0, image_reference=image_reference,
             manifest_digest=manifest_digest, annotations=dict(annotations or {}),
-            request_id=request_id or str(uuid.uuid4()),
-        )
+            request_id=request_id, new_request_id=new,
+        ))
         timeout = self._client._timeout
         r = self._client._call(
-            lambda ch: signing_pb2_grpc.SigningStub(ch).SignImage(request, timeout=timeout)
+            lambda ch: signing_pb2_grpc.SigningStub(ch).SignImage(send(), timeout=timeout)
         )
         return SignedImage(r.payload, r.signature, r.key, r.key_version, r.key_id, r.revision)
 

@@ -30,7 +30,7 @@ class SigningServicer(ServicerBase, signing_pb2_grpc.SigningServicer):
         digest = convert.digest_from_pb(request.digest)
         signature = await self._signing.get().sign_digest(
             caller, request.key, request.key_version or None, digest,
-            request_id=request.request_id,
+            request_id=request.request_id, new_request_id=request.new_request_id,
         )
         return convert.signature_to_pb(signature)
 
@@ -42,6 +42,7 @@ class SigningServicer(ServicerBase, signing_pb2_grpc.SigningServicer):
         outcomes = await self._signing.get().sign_batch(
             caller, request.key, request.key_version or None,
             convert.digests_from_pb(request.digests), request_id=request.request_id,
+            new_request_id=request.new_request_id,
         )
         return convert.batch_to_pb(outcomes)
 

@@ -45,6 +45,7 @@ class SupplyChainSigningServicer(SigningServicer):
         signature = await self._statements.get().sign_statement(
             caller, request.key, request.key_version or None, statement.to_dict(),
             pae(INTOTO_PAYLOAD_TYPE, payload), request_id=request.request_id,
+            new_request_id=request.new_request_id,
         )
         signed = EnvelopeSignature(signature.key_id, signature.signature)
         envelope = Envelope(payload, INTOTO_PAYLOAD_TYPE, (signed,))
@@ -72,7 +73,7 @@ class SupplyChainSigningServicer(SigningServicer):
         payload = SimpleSigningPayload.for_image(image, dict(request.annotations)).to_json()
         signature = await self._statements.get().sign_image(
             caller, request.key, request.key_version or None, image.name, payload,
-            request_id=request.request_id,
+            request_id=request.request_id, new_request_id=request.new_request_id,
         )
         return signing_pb2.SignImageResponse(
             payload=payload,

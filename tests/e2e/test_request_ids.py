@@ -18,6 +18,8 @@ import pytest
 from kms.domain.keys import Algorithm, Digest, DigestAlgorithm
 from kms.domain.policy import AccessPolicy
 from kms.signing import Signature
+from signer import convert
+from signer._pb.signet.v1 import signing_pb2, signing_pb2_grpc
 from signer.client import SignetClient
 from signer.dev.cluster import DevCluster
 from signer.errors import SignetError
@@ -104,6 +106,25 @@ def test_a_retried_batch_returns_the_stored_results(two_signers: RunningCluster)
     assert "different request" in caught.value.message
     entries = audited(two_signers, request_id)
     assert sorted(e["request_id"] for e in entries) == [f"{request_id}#{n}" for n in range(5)]
+
+
+def test_an_id_wrongly_sent_as_new_is_signed_again_but_answered_with_the_first(
+    two_signers: RunningCluster,
+) -> None:
+    """``new_request_id`` lets a signer skip its lookup; a client that sets it on a retry gets
+    the stored signature all the same, and the signature made meanwhile is only audited."""
+    request_id = f"new-{time.time_ns()}"
+    request = signing_pb2.SignDigestRequest(
+        key=KEY, digest=convert.digest_to_pb(digest("new")), request_id=request_id,
+        new_request_id=True)
+    with on_signer(two_signers, 0) as first, on_signer(two_signers, 1) as second:
+        original, retried = (
+            client._call(lambda ch: signing_pb2_grpc.SigningStub(ch).SignDigest(
+                request, timeout=10))
+            for client in (first, second))
+        looked_up = first.sign_digest(KEY, digest("new"), request_id=request_id)
+    assert retried.signature == original.signature == looked_up.signature
+    assert len(audited(two_signers, request_id)) == 2  # not looked up: signed, then dropped
 
 
 def test_a_retried_statement_returns_the_stored_envelope(two_signers: RunningCluster) -> None:

@@ -60,10 +60,11 @@ def signing(counter: list[int], value: str) -> Callable[
 
 
 async def once(ledger: RequestLedger, request_id: str, value: str, signed: list[int],
-               bound_to: str = "k") -> str:
+               bound_to: str = "k", *, new_id: bool = False) -> str:
     return await ledger.once(
         "spiffe://ci", request_id, bound_to, signing(signed, value),
-        encode=lambda v: {"v": v}, decode=lambda r: str(r["v"]), still_valid=lambda _: None)
+        encode=lambda v: {"v": v}, decode=lambda r: str(r["v"]), still_valid=lambda _: None,
+        new_id=new_id)
 
 
 def test_concurrent_requests_share_round_trips() -> None:
@@ -104,6 +105,71 @@ def test_a_request_id_is_answered_with_one_signature() -> None:
     assert len(set(results)) == 1
     assert json.loads(store.records["/requests/" + _hash("spiffe://ci") + "/same"])["result"] \
         == {"v": results[0]}
+
+
+def test_a_new_request_id_is_not_looked_up_before_signing() -> None:
+    store = MemoryLedgerStore()
+
+    async def scenario() -> str:
+        ledger = RequestLedger(store, signer_id="s")
+        return await once(ledger, "fresh", "sig", [], new_id=True)
+
+    assert asyncio.run(scenario()) == "sig"
+    assert (store.reads, store.claims) == (0, 1)
+
+
+def test_a_new_request_id_is_looked_up_while_others_are_in_progress() -> None:
+    """Under load the lookup group is where concurrent requests gather (their audit commits
+    and creates then share round trips), so a new id joins it like any other."""
+    store = MemoryLedgerStore()
+
+    async def scenario() -> list[str]:
+        ledger = RequestLedger(store, signer_id="s", group_linger=0)
+        release = asyncio.Event()
+
+        async def slow(commit: Callable[[str], Awaitable[None]]) -> str:
+            await release.wait()
+            await commit("slow")
+            return "slow"
+
+        first = asyncio.create_task(ledger.once(
+            "spiffe://ci", "busy", "k", slow, encode=lambda v: {"v": v},
+            decode=lambda r: str(r["v"]), still_valid=lambda _: None, new_id=True))
+        await asyncio.sleep(0.01)  # the first is signing: in progress
+        second = await once(ledger, "fresh", "sig", [], new_id=True)
+        release.set()
+        return [await first, second]
+
+    assert asyncio.run(scenario()) == ["slow", "sig"]
+    assert store.reads == 1  # the second's; the first went alone and skipped it
+
+
+def test_an_id_wrongly_marked_new_still_gets_its_stored_signature() -> None:
+    """The mark is a hint: a retry that claims to be a first attempt signs again, loses the
+    create, and returns what the first attempt stored."""
+    store = MemoryLedgerStore()
+
+    async def scenario() -> tuple[str, str, int]:
+        ledger = RequestLedger(store, signer_id="s")
+        signed: list[int] = []
+        first = await once(ledger, "r", "sig1", signed, new_id=True)
+        retry = await once(ledger, "r", "sig2", signed, new_id=True)
+        return first, retry, len(signed)
+
+    assert asyncio.run(scenario()) == ("sig1", "sig1", 2)
+    assert store.reads == 0
+
+
+def test_an_id_wrongly_marked_new_for_another_request_is_refused() -> None:
+    store = MemoryLedgerStore()
+
+    async def scenario() -> None:
+        ledger = RequestLedger(store, signer_id="s")
+        await once(ledger, "r", "sig", [], bound_to="k1", new_id=True)
+        with pytest.raises(InvalidArgument, match="different request"):
+            await once(ledger, "r", "sig", [], bound_to="k2", new_id=True)
+
+    asyncio.run(scenario())
 
 
 def test_a_request_id_reused_for_another_request_is_refused() -> None:

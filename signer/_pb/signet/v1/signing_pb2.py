@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from signer._pb.signet.v1 import common_pb2 as signet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17signet/v1/signing.proto\x12\tsignet.v1\x1a\x16signet/v1/common.proto\"l\n\x11SignDigestRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12!\n\x06\x64igest\x18\x03 \x01(\x0b\x32\x11.signet.v1.Digest\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xa7\x01\n\x12SignDigestResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12*\n\talgorithm\x18\x05 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\x0e\n\x06region\x18\x07 \x01(\t\"l\n\x10SignBatchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\"\n\x07\x64igests\x18\x03 \x03(\x0b\x32\x11.signet.v1.Digest\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\x0fSignBatchResult\x12\x32\n\tsignature\x18\x01 \x01(\x0b\x32\x1d.signet.v1.SignDigestResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.signet.v1.ItemErrorH\x00\x42\t\n\x07outcome\"@\n\x11SignBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.signet.v1.SignBatchResult\"3\n\x13GetPublicKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xb0\x01\n\x14GetPublicKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12*\n\talgorithm\x18\x04 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12\x16\n\x0epublic_key_pem\x18\x05 \x01(\t\x12&\n\x05state\x18\x06 \x01(\x0e\x32\x17.signet.v1.VersionState\"d\n\x14SignStatementRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x16\n\x0estatement_json\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"r\n\x15SignStatementResponse\x12\x15\n\renvelope_json\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\xf1\x01\n\x10SignImageRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x17\n\x0fimage_reference\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x41\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32,.signet.v1.SignImageRequest.AnnotationsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x11SignImageResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x13\n\x0bkey_version\x18\x04 \x01(\r\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\x32\x89\x03\n\x07Signing\x12I\n\nSignDigest\x12\x1c.signet.v1.SignDigestRequest\x1a\x1d.signet.v1.SignDigestResponse\x12\x46\n\tSignBatch\x12\x1b.signet.v1.SignBatchRequest\x1a\x1c.signet.v1.SignBatchResponse\x12O\n\x0cGetPublicKey\x12\x1e.signet.v1.GetPublicKeyRequest\x1a\x1f.signet.v1.GetPublicKeyResponse\x12R\n\rSignStatement\x12\x1f.signet.v1.SignStatementRequest\x1a .signet.v1.SignStatementResponse\x12\x46\n\tSignImage\x12\x1b.signet.v1.SignImageRequest\x1a\x1c.signet.v1.SignImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17signet/v1/signing.proto\x12\tsignet.v1\x1a\x16signet/v1/common.proto\"\x84\x01\n\x11SignDigestRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12!\n\x06\x64igest\x18\x03 \x01(\x0b\x32\x11.signet.v1.Digest\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x16\n\x0enew_request_id\x18\x05 \x01(\x08\"\xa7\x01\n\x12SignDigestResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12*\n\talgorithm\x18\x05 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\x0e\n\x06region\x18\x07 \x01(\t\"\x84\x01\n\x10SignBatchRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\"\n\x07\x64igests\x18\x03 \x03(\x0b\x32\x11.signet.v1.Digest\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x16\n\x0enew_request_id\x18\x05 \x01(\x08\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\x0fSignBatchResult\x12\x32\n\tsignature\x18\x01 \x01(\x0b\x32\x1d.signet.v1.SignDigestResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.signet.v1.ItemErrorH\x00\x42\t\n\x07outcome\"@\n\x11SignBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.signet.v1.SignBatchResult\"3\n\x13GetPublicKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xb0\x01\n\x14GetPublicKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12*\n\talgorithm\x18\x04 \x01(\x0e\x32\x17.signet.v1.KeyAlgorithm\x12\x16\n\x0epublic_key_pem\x18\x05 \x01(\t\x12&\n\x05state\x18\x06 \x01(\x0e\x32\x17.signet.v1.VersionState\"|\n\x14SignStatementRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x16\n\x0estatement_json\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x16\n\x0enew_request_id\x18\x05 \x01(\x08\"r\n\x15SignStatementResponse\x12\x15\n\renvelope_json\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x89\x02\n\x10SignImageRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x17\n\x0fimage_reference\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x41\n\x0b\x61nnotations\x18\x05 \x03(\x0b\x32,.signet.v1.SignImageRequest.AnnotationsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0enew_request_id\x18\x07 \x01(\x08\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x11SignImageResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x13\n\x0bkey_version\x18\x04 \x01(\r\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\x32\x89\x03\n\x07Signing\x12I\n\nSignDigest\x12\x1c.signet.v1.SignDigestRequest\x1a\x1d.signet.v1.SignDigestResponse\x12\x46\n\tSignBatch\x12\x1b.signet.v1.SignBatchRequest\x1a\x1c.signet.v1.SignBatchResponse\x12O\n\x0cGetPublicKey\x12\x1e.signet.v1.GetPublicKeyRequest\x1a\x1f.signet.v1.GetPublicKeyResponse\x12R\n\rSignStatement\x12\x1f.signet.v1.SignStatementRequest\x1a .signet.v1.SignStatementResponse\x12\x46\n\tSignImage\x12\x1b.signet.v1.SignImageRequest\x1a\x1c.signet.v1.SignImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SIGNIMAGEREQUEST_ANNOTATIONSENTRY']._loaded_options = None
   _globals['_SIGNIMAGEREQUEST_ANNOTATIONSENTRY']._serialized_options = b'8\001'
-  _globals['_SIGNDIGESTREQUEST']._serialized_start=62
-  _globals['_SIGNDIGESTREQUEST']._serialized_end=170
-  _globals['_SIGNDIGESTRESPONSE']._serialized_start=173
-  _globals['_SIGNDIGESTRESPONSE']._serialized_end=340
-  _globals['_SIGNBATCHREQUEST']._serialized_start=342
-  _globals['_SIGNBATCHREQUEST']._serialized_end=450
-  _globals['_ITEMERROR']._serialized_start=452
-  _globals['_ITEMERROR']._serialized_end=494
-  _globals['_SIGNBATCHRESULT']._serialized_start=496
-  _globals['_SIGNBATCHRESULT']._serialized_end=615
-  _globals['_SIGNBATCHRESPONSE']._serialized_start=617
-  _globals['_SIGNBATCHRESPONSE']._serialized_end=681
-  _globals['_GETPUBLICKEYREQUEST']._serialized_start=683
-  _globals['_GETPUBLICKEYREQUEST']._serialized_end=734
-  _globals['_GETPUBLICKEYRESPONSE']._serialized_start=737
-  _globals['_GETPUBLICKEYRESPONSE']._serialized_end=913
-  _globals['_SIGNSTATEMENTREQUEST']._serialized_start=915
-  _globals['_SIGNSTATEMENTREQUEST']._serialized_end=1015
-  _globals['_SIGNSTATEMENTRESPONSE']._serialized_start=1017
-  _globals['_SIGNSTATEMENTRESPONSE']._serialized_end=1131
-  _globals['_SIGNIMAGEREQUEST']._serialized_start=1134
-  _globals['_SIGNIMAGEREQUEST']._serialized_end=1375
-  _globals['_SIGNIMAGEREQUEST_ANNOTATIONSENTRY']._serialized_start=1325
-  _globals['_SIGNIMAGEREQUEST_ANNOTATIONSENTRY']._serialized_end=1375
-  _globals['_SIGNIMAGERESPONSE']._serialized_start=1377
-  _globals['_SIGNIMAGERESPONSE']._serialized_end=1500
-  _globals['_SIGNING']._serialized_start=1503
-  _globals['_SIGNING']._serialized_end=1896
+  _globals['_SIGNDIGESTREQUEST']._serialized_start=63
+  _globals['_SIGNDIGESTREQUEST']._serialized_end=195
+  _globals['_SIGNDIGESTRESPONSE']._serialized_start=198
+  _globals['_SIGNDIGESTRESPONSE']._serialized_end=365
+  _globals['_SIGNBATCHREQUEST']._serialized_start=368
+  _globals['_SIGNBATCHREQUEST']._serialized_end=500
+  _globals['_ITEMERROR']._serialized_start=502
+  _globals['_ITEMERROR']._serialized_end=544
+  _globals['_SIGNBATCHRESULT']._serialized_start=546
+  _globals['_SIGNBATCHRESULT']._serialized_end=665
+  _globals['_SIGNBATCHRESPONSE']._serialized_start=667
+  _globals['_SIGNBATCHRESPONSE']._serialized_end=731
+  _globals['_GETPUBLICKEYREQUEST']._serialized_start=733
+  _globals['_GETPUBLICKEYREQUEST']._serialized_end=784
+  _globals['_GETPUBLICKEYRESPONSE']._serialized_start=787
+  _globals['_GETPUBLICKEYRESPONSE']._serialized_end=963
+  _globals['_SIGNSTATEMENTREQUEST']._serialized_start=965
+  _globals['_SIGNSTATEMENTREQUEST']._serialized_end=1089
+  _globals['_SIGNSTATEMENTRESPONSE']._serialized_start=1091
+  _globals['_SIGNSTATEMENTRESPONSE']._serialized_end=1205
+  _globals['_SIGNIMAGEREQUEST']._serialized_start=1208
+  _globals['_SIGNIMAGEREQUEST']._serialized_end=1473
+  _globals['_SIGNIMAGEREQUEST_ANNOTATIONSENTRY']._serialized_start=1423
+  _globals['_SIGNIMAGEREQUEST_ANNOTATIONSENTRY']._serialized_end=1473
+  _globals['_SIGNIMAGERESPONSE']._serialized_start=1475
+  _globals['_SIGNIMAGERESPONSE']._serialized_end=1598
+  _globals['_SIGNING']._serialized_start=1601
+  _globals['_SIGNING']._serialized_end=1994
 # @@protoc_insertion_point(module_scope)

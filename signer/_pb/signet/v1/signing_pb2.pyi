@@ -28,11 +28,17 @@ class SignDigestRequest(_message.Message):
     KEY_VERSION_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NEW_REQUEST_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     key_version: _builtins.int
     """0 = the primary version"""
     request_id: _builtins.str
     """caller-chosen id, recorded with the signature"""
+    new_request_id: _builtins.bool
+    """True only on the first send of a request_id the client has just generated: nothing can
+    be stored under it yet, so the signer does not look (one etcd read less). A retry sends
+    false. A wrong true costs one more audited signature, never a second returned one.
+    """
     @_builtins.property
     def digest(self) -> _common_pb2.Digest: ...
     def __init__(
@@ -42,10 +48,11 @@ class SignDigestRequest(_message.Message):
         key_version: _builtins.int = ...,
         digest: _common_pb2.Digest | None = ...,
         request_id: _builtins.str = ...,
+        new_request_id: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "key", b"key", "key_version", b"key_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "key", b"key", "key_version", b"key_version", "new_request_id", b"new_request_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,9 +106,12 @@ class SignBatchRequest(_message.Message):
     KEY_VERSION_FIELD_NUMBER: _builtins.int
     DIGESTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NEW_REQUEST_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     key_version: _builtins.int
     request_id: _builtins.str
+    new_request_id: _builtins.bool
+    """as in SignDigestRequest"""
     @_builtins.property
     def digests(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Digest]:
         """1 to 1,024"""
@@ -113,10 +123,11 @@ class SignBatchRequest(_message.Message):
         key_version: _builtins.int = ...,
         digests: _abc.Iterable[_common_pb2.Digest] | None = ...,
         request_id: _builtins.str = ...,
+        new_request_id: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "key", b"key", "key_version", b"key_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "key", b"key", "key_version", b"key_version", "new_request_id", b"new_request_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,12 +270,15 @@ class SignStatementRequest(_message.Message):
     KEY_VERSION_FIELD_NUMBER: _builtins.int
     STATEMENT_JSON_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NEW_REQUEST_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     key_version: _builtins.int
     """0 = the primary version"""
     statement_json: _builtins.bytes
     """an in-toto Statement v1, at most 1 MiB"""
     request_id: _builtins.str
+    new_request_id: _builtins.bool
+    """as in SignDigestRequest"""
     def __init__(
         self,
         *,
@@ -272,10 +286,11 @@ class SignStatementRequest(_message.Message):
         key_version: _builtins.int = ...,
         statement_json: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        new_request_id: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_version", b"key_version", "request_id", b"request_id", "statement_json", b"statement_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_version", b"key_version", "new_request_id", b"new_request_id", "request_id", b"request_id", "statement_json", b"statement_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,6 +359,7 @@ class SignImageRequest(_message.Message):
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NEW_REQUEST_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     key_version: _builtins.int
     image_reference: _builtins.str
@@ -351,6 +367,8 @@ class SignImageRequest(_message.Message):
     manifest_digest: _builtins.str
     """sha256:HEX; may be empty when the reference has one"""
     request_id: _builtins.str
+    new_request_id: _builtins.bool
+    """as in SignDigestRequest"""
     @_builtins.property
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """cosign "optional" section"""
@@ -364,10 +382,11 @@ class SignImageRequest(_message.Message):
         manifest_digest: _builtins.str = ...,
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        new_request_id: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "image_reference", b"image_reference", "key", b"key", "key_version", b"key_version", "manifest_digest", b"manifest_digest", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "image_reference", b"image_reference", "key", b"key", "key_version", b"key_version", "manifest_digest", b"manifest_digest", "new_request_id", b"new_request_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

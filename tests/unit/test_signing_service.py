@@ -185,15 +185,36 @@ def test_batch_items_fail_alone() -> None:
     service, view, _ = setup()
     bad = InvalidArgument("wrong length")
     sha512 = Digest(DigestAlgorithm.SHA512, bytes(64))
-    results = asyncio.run(
-        service.sign_batch(PIPELINE, "release", None, [digest(1), bad, sha512, digest(2)])
-    )
+    results = asyncio.run(service.sign_batch(
+        PIPELINE, "release", None, [digest(1), bad, sha512, digest(2), sha512]))
     assert results[1] is bad
-    assert isinstance(results[2], InvalidArgument)
+    for refused in (results[2], results[4]):
+        assert isinstance(refused, InvalidArgument)
+        assert "not sha512" in str(refused)
     assert isinstance(results[0], Signature)
     assert isinstance(results[3], Signature)
     verify(view, results[0], digest(1))
     verify(view, results[3], digest(2))
+
+
+def test_batch_signatures_carry_the_same_fields_as_a_single_one() -> None:
+    service, _, _ = setup()
+    single = asyncio.run(service.sign_digest(PIPELINE, "release", None, digest(1)))
+    batch = asyncio.run(service.sign_batch(PIPELINE, "release", None, [digest(2), digest(3)]))
+    for result in batch:
+        assert isinstance(result, Signature)
+        assert replace(result, signature=single.signature) == single
+    assert batch[0] != batch[1]
+
+
+def test_signatures_sharing_their_fields_equal_constructed_ones() -> None:
+    shared = {"key": "k", "version": 2, "key_id": "ab", "algorithm": Algorithm.ED25519,
+              "revision": 9, "region": "r1"}
+    made = Signature.sharing([b"s1", b"s2"], **shared)
+    assert made == [Signature(b"s1", **shared), Signature(b"s2", **shared)]
+    assert hash(made[0]) == hash(Signature(b"s1", **shared))
+    with pytest.raises(TypeError, match="needs exactly"):
+        Signature.sharing([b"s"], key="k")
 
 
 @pytest.mark.parametrize("size", [0, MAX_BATCH + 1])

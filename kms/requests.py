@@ -18,10 +18,11 @@ lone client saves an etcd round trip (≈ 1 ms). Under load it joins the lookup 
 other: the groups are where concurrent requests gather, so their audit commits and creates
 share round trips too, and skipping the read there measured slower (bench/README.md, round
 8). The mark is only a hint: a wrong one costs one more audited signature, and the create
-below still returns the stored result. The read is
-*serializable* (the local member's state): it may miss a result committed a moment ago through
-another member, which costs one more audited-but-never-returned signature, never a second
-acknowledged one, since the create-if-absent transaction decides.
+still returns the stored result.
+
+The read is *serializable* (the local member's state): it may miss a result committed a
+moment ago through another member, which costs one more audited-but-never-returned signature,
+never a second acknowledged one, since the create-if-absent transaction decides.
 
 The lookups and the creates of concurrent requests are coalesced: while one group is in
 flight to etcd, the next one gathers, and goes as one read-only transaction (lookups) or one
@@ -171,8 +172,8 @@ class RequestLedger:
         result. If a result for this (identity, request id) was stored first — by another
         region, or by the attempt a retry repeats — that stored result is returned instead,
         once it passes ``still_valid``. ``new_id``: the client says it generated the id for
-        this call and sends it for the first time, so no stored result is looked for before
-        ``action`` (module docstring).
+        this call and sends it for the first time; while nothing else is in progress, no
+        stored result is then looked for before ``action`` (module docstring).
 
         Raises ``InvalidArgument`` for a malformed id or one reused for another request,
         ``Unavailable`` when etcd does not take the record in time (nothing is returned then),

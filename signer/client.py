@@ -59,6 +59,8 @@ def first_send_only(request: R) -> Callable[[], R]:
         return request
 
     return next_send
+
+
 # Seconds an endpoint that failed with a retryable status waits behind the others (_call).
 FAILOVER_COOLDOWN = 2.0
 # CANCELLED too: this client never cancels its own calls, so it means the signer gave up on

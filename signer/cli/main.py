@@ -245,7 +245,9 @@ def key_schedule_destroy(ctx: Context, name: str, version: int,
 @click.option("--digest", "-d", "digest_text", required=True, help="Digest as sha256:HEX.")
 @click.option("--version", "key_version", type=click.IntRange(min=1), default=None,
               help="Sign with this version instead of the primary one.")
-@click.option("--request-id", default=None, help="Audit id for this request (default: random).")
+@click.option("--request-id", default=None,
+              help="Id for this request: in the audit log, and a rerun with the same id "
+                   "gets the first signature back (default: a new random id).")
 @click.option("--signature-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the raw signature bytes (DER for ECDSA) to this file.")
 @cluster_options

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ from kms.domain.keys import Digest, DigestAlgorithm
 from signer._pb.signet.v1 import common_pb2, signing_pb2, signing_pb2_grpc
 from signer.client import SignetClient
 from signer.supplychain_client import SupplyChainClient
+from tests.unit.fake_signing import serving
 
 DIGEST = Digest(DigestAlgorithm.SHA256, b"\x01" * 32)
 
@@ -69,15 +69,8 @@ class FlakySigning(signing_pb2_grpc.SigningServicer):
 @pytest.fixture
 def fake() -> Iterator[tuple[FlakySigning, SignetClient]]:
     servicer = FlakySigning()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    signing_pb2_grpc.add_SigningServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with SignetClient([f"127.0.0.1:{port}"], insecure=True) as client:
-            yield servicer, client
-    finally:
-        server.stop(0)
+    with serving(servicer) as endpoint, SignetClient([endpoint], insecure=True) as client:
+        yield servicer, client
 
 
 def test_a_generated_id_is_new_on_its_first_send_only(fake: Any) -> None:

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -19,6 +18,7 @@ from kms.signing import Signature
 from signer._pb.signet.v1 import common_pb2, signing_pb2, signing_pb2_grpc
 from signer.client import SignetClient
 from signer.errors import SignetError
+from tests.unit.fake_signing import serving
 
 
 class FakeSigning(signing_pb2_grpc.SigningServicer):
@@ -61,14 +61,8 @@ class FakeSigning(signing_pb2_grpc.SigningServicer):
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeSigning, str]]:
     servicer = FakeSigning()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    signing_pb2_grpc.add_SigningServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
+    with serving(servicer) as endpoint:
+        yield servicer, endpoint
 
 
 def digests(count: int) -> list[Digest]:

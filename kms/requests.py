@@ -11,14 +11,16 @@ I2). Dropped signatures are audited but never returned, which ADR 0005 allows.
 One etcd write per request (no claim before signing) keeps the cost low: etcd batches
 concurrent transactions into one disk sync. A read before signing (no disk sync) answers the
 usual retry — one that arrives after the first attempt finished — from the stored result, so
-only a retry racing the original is signed twice (audited, never returned twice). A request
-whose client marks its id *new* (generated for this call, sent for the first time: nothing can
-be stored under it yet) skips that read when nothing else of this ledger is in progress — a
-lone client saves an etcd round trip (≈ 1 ms). Under load it joins the lookup group like any
-other: the groups are where concurrent requests gather, so their audit commits and creates
-share round trips too, and skipping the read there measured slower (bench/README.md, round
-8). The mark is only a hint: a wrong one costs one more audited signature, and the create
-still returns the stored result.
+only a retry racing the original is signed twice (audited, never returned twice).
+
+A request whose client marks its id *new* (generated for this call, sent for the first time:
+nothing can be stored under it yet) is never read. When nothing else of this ledger is in
+progress it goes straight on (a lone client saves an etcd round trip, ≈ 1 ms); under load it
+still joins a lookup group, because the groups are where concurrent requests gather, so that
+their audit commits and creates share round trips too (skipping the groups measured slower),
+and the group reads only the ids that are not new — none, for the client library's usual
+traffic. The mark is only a hint: a wrong one costs one more audited signature, and the
+create still returns the stored result (bench/README.md, round 8).
 
 The read is *serializable* (the local member's state): it may miss a result committed a
 moment ago through another member, which costs one more audited-but-never-returned signature,
@@ -123,11 +125,18 @@ class RequestLedger:
         self._lease_lock = asyncio.Lock()
         self._group_linger = group_linger
         self._in_progress = 0  # calls of ``once`` not yet returned
-        self._lookups: Coalescer[str, bytes | None] = Coalescer(
-            self._store.read_requests, "request-id lookups", linger=self._lookup_linger,
+        self._lookups: Coalescer[tuple[str, bool], bytes | None] = Coalescer(
+            self._read_group, "request-id lookups", linger=self._lookup_linger,
             stopped=_LEDGER_STOPPED)
         self._claims: Coalescer[tuple[str, bytes], bool | bytes] = Coalescer(
             self._claim_group, "request-id claims", stopped=_LEDGER_STOPPED)
+
+    async def _read_group(self, lookups: list[tuple[str, bool]]) -> list[bytes | None]:
+        """The stored records of a group of (path, new id) lookups, with one etcd read for
+        the ids that are not new, and none when all of them are."""
+        wanted = [path for path, new in lookups if not new]
+        found = iter(await self._store.read_requests(wanted) if wanted else ())
+        return [None if new else next(found) for _, new in lookups]
 
     def _lookup_linger(self, queued: int) -> float:
         """Wait for company only while requests beyond the queued lookups are in progress: a
@@ -172,8 +181,8 @@ class RequestLedger:
         result. If a result for this (identity, request id) was stored first — by another
         region, or by the attempt a retry repeats — that stored result is returned instead,
         once it passes ``still_valid``. ``new_id``: the client says it generated the id for
-        this call and sends it for the first time; while nothing else is in progress, no
-        stored result is then looked for before ``action`` (module docstring).
+        this call and sends it for the first time; no stored result is then read before
+        ``action`` (module docstring).
 
         Raises ``InvalidArgument`` for a malformed id or one reused for another request,
         ``Unavailable`` when etcd does not take the record in time (nothing is returned then),
@@ -190,7 +199,8 @@ class RequestLedger:
         self._in_progress += 1
         try:
             return await self._once(path, request_id, bound_to, action, encode=encode,
-                                    decode=decode, still_valid=still_valid, look_up=look_up)
+                                    decode=decode, still_valid=still_valid, look_up=look_up,
+                                    new_id=new_id)
         finally:
             self._in_progress -= 1
 
@@ -198,10 +208,10 @@ class RequestLedger:
         self, path: str, request_id: str, bound_to: str,
         action: Callable[[Callable[[T], Awaitable[None]]], Awaitable[T]],
         *, encode: Callable[[T], dict[str, Any]], decode: Callable[[Mapping[str, Any]], T],
-        still_valid: Callable[[T], None], look_up: bool,
+        still_valid: Callable[[T], None], look_up: bool, new_id: bool,
     ) -> T:
         if look_up:
-            found = await self._look_up(path)
+            found = await self._look_up(path, new_id)
             if found is not None:
                 return self._stored(json.loads(found), request_id, bound_to, decode,
                                     still_valid)
@@ -226,7 +236,7 @@ class RequestLedger:
         except _Answered as answered:
             return self._stored(answered.record, request_id, bound_to, decode, still_valid)
 
-    async def _look_up(self, path: str) -> bytes | None:
+    async def _look_up(self, path: str, new_id: bool) -> bytes | None:
         """The stored record at ``path``, if any. Raises ``Unavailable`` when etcd does not
         answer in time."""
         try:
@@ -234,7 +244,7 @@ class RequestLedger:
                 # Serializable (the local member's view, no leader round): a result another
                 # region stored moments ago may be missed; then this attempt signs, audits and
                 # loses the create below, and returns the stored result (docs/adr/0010).
-                return await self._lookups(path)
+                return await self._lookups((path, new_id))
         except TimeoutError:
             raise Unavailable(
                 "cannot look up the request id: etcd did not answer in time; retry, or use "

@@ -198,8 +198,8 @@ class SigningService:
         replicated here) or ``Conflict``; never returns an unfenced or unaudited signature.
         With a request ledger, a request id seen in the window returns the original
         signature instead of signing again. ``new_request_id``: the client generated the id
-        for this call and sends it for the first time, so nothing can be stored under it; an
-        idle ledger then skips its lookup (kms.requests)."""
+        for this call and sends it for the first time, so nothing can be stored under it and
+        the ledger does not read it (kms.requests)."""
         if self._requests is None or not request_id:
             return await self._sign_digest(caller, key_name, version, digest,
                                            request_id=request_id, commit=None)

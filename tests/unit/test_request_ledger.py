@@ -24,6 +24,7 @@ class MemoryLedgerStore:
         self.records: dict[str, bytes] = {}
         self.layout = Layout()
         self.reads = 0
+        self.read_paths: list[list[str]] = []
         self.claims = 0
 
     async def grant_lease(self, ttl_seconds: int) -> int:
@@ -31,6 +32,7 @@ class MemoryLedgerStore:
 
     async def read_requests(self, paths: Sequence[str]) -> list[bytes | None]:
         self.reads += 1
+        self.read_paths.append(list(paths))
         await asyncio.sleep(0.001)
         return [self.records.get(path) for path in paths]
 
@@ -118,13 +120,14 @@ def test_a_new_request_id_is_not_looked_up_before_signing() -> None:
     assert (store.reads, store.claims) == (0, 1)
 
 
-def test_a_new_request_id_is_looked_up_while_others_are_in_progress() -> None:
-    """Under load the lookup group is where concurrent requests gather (their audit commits
-    and creates then share round trips), so a new id joins it like any other."""
+def test_under_load_a_new_id_waits_with_its_group_but_is_not_read() -> None:
+    """Under load the lookup groups are where concurrent requests gather (their audit commits
+    and creates then share round trips), so a new id joins one; only the ids that are not new
+    are read from etcd."""
     store = MemoryLedgerStore()
 
     async def scenario() -> list[str]:
-        ledger = RequestLedger(store, signer_id="s", group_linger=0)
+        ledger = RequestLedger(store, signer_id="s", group_linger=0.05)
         release = asyncio.Event()
 
         async def slow(commit: Callable[[str], Awaitable[None]]) -> str:
@@ -135,13 +138,30 @@ def test_a_new_request_id_is_looked_up_while_others_are_in_progress() -> None:
         first = asyncio.create_task(ledger.once(
             "spiffe://ci", "busy", "k", slow, encode=lambda v: {"v": v},
             decode=lambda r: str(r["v"]), still_valid=lambda _: None, new_id=True))
-        await asyncio.sleep(0.01)  # the first is signing: in progress
-        second = await once(ledger, "fresh", "sig", [], new_id=True)
+        await asyncio.sleep(0.01)  # the first is signing: the ledger is busy
+        together = await asyncio.gather(
+            once(ledger, "fresh-1", "sig1", [], new_id=True),
+            once(ledger, "retried", "sig2", []),
+            once(ledger, "fresh-2", "sig3", [], new_id=True))
         release.set()
-        return [await first, second]
+        return [await first, *together]
 
-    assert asyncio.run(scenario()) == ["slow", "sig"]
-    assert store.reads == 1  # the second's; the first went alone and skipped it
+    assert asyncio.run(scenario()) == ["slow", "sig1", "sig2", "sig3"]
+    assert store.read_paths == [["/requests/" + _hash("spiffe://ci") + "/retried"]]
+
+
+def test_under_load_a_group_of_new_ids_makes_no_read() -> None:
+    store = MemoryLedgerStore()
+
+    async def scenario() -> None:
+        ledger = RequestLedger(store, signer_id="s", group_linger=0.01)
+        signed: list[int] = []
+        await asyncio.gather(*(once(ledger, f"n{n}", f"sig{n}", signed, new_id=True)
+                               for n in range(20)))
+        assert len(signed) == 20
+
+    asyncio.run(scenario())
+    assert (store.reads, len(store.records)) == (0, 20)
 
 
 def test_an_id_wrongly_marked_new_still_gets_its_stored_signature() -> None:

@@ -192,7 +192,7 @@ def ecdsa_raw_to_der(raw: bytes) -> bytes:
     if not raw or len(raw) % 2:
         raise HsmError(f"HSM returned a malformed ECDSA signature ({len(raw)} bytes)")
     half = len(raw) // 2
-    if half > 61:  # too long for DER short-form lengths (not P-256): the general encoder
+    if half > 60:  # a body past 127 bytes needs long-form lengths (not P-256): the general one
         return encode_dss_signature(
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
     # Two minimal unsigned INTEGERs in a SEQUENCE, built from bytes: half the CPU of going

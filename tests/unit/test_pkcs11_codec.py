@@ -50,8 +50,11 @@ def test_raw_ecdsa_with_leading_zero_bytes_keeps_its_integers() -> None:
 @pytest.mark.parametrize("raw", [
     bytes(64), b"\x80" * 64, bytes(31) + b"\x80" + bytes(31) + b"\x7f",
     b"\x7f" + bytes(31) + b"\xff" * 32, bytes(range(64)), bytes(range(255, 191, -1)),
-    b"\x01" * 128,  # past DER's short-form lengths: the general encoder
-], ids=["zeros", "high-bits", "padded-high", "mixed", "ascending", "descending", "long"])
+    b"\xff" * 120,  # halves padded to 61 bytes: a 126-byte body, short-form length
+    b"\xff" * 122,  # halves padded to 62 bytes: a 128-byte body, long-form length
+    b"\x01" * 128,
+], ids=["zeros", "high-bits", "padded-high", "mixed", "ascending", "descending",
+        "short-form-limit", "long-form", "long"])
 def test_raw_ecdsa_to_der_matches_the_general_encoder(raw: bytes) -> None:
     half = len(raw) // 2
     assert ecdsa_raw_to_der(raw) == encode_dss_signature(

@@ -59,9 +59,19 @@ class EtcdTls:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1 that were free a moment ago. They are held
+    open together while chosen: one at a time, the kernel may hand out a port it has just
+    released again (a member once got the same port for its client and peer URLs)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                   for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -340,13 +350,14 @@ class EtcdCluster:
             if members < 1:
                 raise ValueError("an etcd cluster needs at least one member")
             cluster = cls(directory, f"signet-{secrets.token_hex(4)}", tls, detach)
+            ports = free_ports(2 * members)
             for index in range(members):
                 cluster.members.append(
                     EtcdMember(
                         name=f"member-{index}",
                         directory=directory / f"member-{index}",
-                        client_port=free_port(),
-                        peer_port=free_port(),
+                        client_port=ports[2 * index],
+                        peer_port=ports[2 * index + 1],
                         cluster=cluster,
                     )
                 )

@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import json
 import os
+import socket
 import time
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
@@ -28,7 +29,7 @@ from kms.ports import StateEvent, SystemClock
 from kms.state.etcd import EtcdConfig, EtcdKeyStateStore
 from kms.state.view import KeyStateView
 from signer.dev.ca import DevCa
-from signer.dev.etcd import EtcdCluster, EtcdTls
+from signer.dev.etcd import EtcdCluster, EtcdTls, free_ports
 from tests.fixtures.etcd import EtcdFactory
 
 pytestmark = pytest.mark.integration
@@ -426,6 +427,16 @@ def test_view_refuses_while_etcd_is_paused_and_recovers(etcd_cluster3: EtcdClust
     print(
         f"refused {refused_after:.2f} s after SIGSTOP, current {recovered_after:.2f} s after resume"
     )
+
+
+def test_free_ports_are_all_different_and_each_can_be_bound() -> None:
+    """Members take two ports each; one at a time the kernel may hand out the same port
+    twice, and etcd then fails to bind its peer URL on its own client port."""
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for port in ports[:8]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_launcher_detached_load_stop_and_restart_on_same_data(tmp_path: Path) -> None:

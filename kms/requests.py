@@ -14,13 +14,13 @@ usual retry — one that arrives after the first attempt finished — from the s
 only a retry racing the original is signed twice (audited, never returned twice).
 
 A request whose client marks its id *new* (generated for this call, sent for the first time:
-nothing can be stored under it yet) is never read. When nothing else of this ledger is in
-progress it goes straight on (a lone client saves an etcd round trip, ≈ 1 ms); under load it
-still joins a lookup group, because the groups are where concurrent requests gather, so that
-their audit commits and creates share round trips too (skipping the groups measured slower),
-and the group reads only the ids that are not new — none, for the client library's usual
-traffic. The mark is only a hint: a wrong one costs one more audited signature, and the
-create still returns the stored result (bench/README.md, round 8).
+nothing can be stored under it yet) is never read. It goes through the lookup groups like any
+other id — alone at once, under load gathered with the others, which is where concurrent
+requests meet so that their audit commits and creates share round trips too (bypassing the
+groups measured slower) — but a group's etcd read covers only the ids that are not new: none
+for the client library's usual traffic, so a lone client saves a round trip (≈ 1 ms). The
+mark is only a hint: a wrong one costs one more audited signature, and the create still
+returns the stored result (bench/README.md, round 8).
 
 The read is *serializable* (the local member's state): it may miss a result committed a
 moment ago through another member, which costs one more audited-but-never-returned signature,
@@ -192,15 +192,10 @@ class RequestLedger:
             raise InvalidArgument(
                 f"request id must be at most {MAX_REQUEST_ID} printable characters")
         path = self._store.layout.request(identity_hash(identity), request_id)
-        # A new id skips the lookup only while nothing else is in progress: under load the
-        # lookup groups are where concurrent requests gather, and their audit commits and
-        # creates then share round trips too (module docstring).
-        look_up = not (new_id and self._in_progress == 0)
         self._in_progress += 1
         try:
             return await self._once(path, request_id, bound_to, action, encode=encode,
-                                    decode=decode, still_valid=still_valid, look_up=look_up,
-                                    new_id=new_id)
+                                    decode=decode, still_valid=still_valid, new_id=new_id)
         finally:
             self._in_progress -= 1
 
@@ -208,13 +203,13 @@ class RequestLedger:
         self, path: str, request_id: str, bound_to: str,
         action: Callable[[Callable[[T], Awaitable[None]]], Awaitable[T]],
         *, encode: Callable[[T], dict[str, Any]], decode: Callable[[Mapping[str, Any]], T],
-        still_valid: Callable[[T], None], look_up: bool, new_id: bool,
+        still_valid: Callable[[T], None], new_id: bool,
     ) -> T:
-        if look_up:
-            found = await self._look_up(path, new_id)
-            if found is not None:
-                return self._stored(json.loads(found), request_id, bound_to, decode,
-                                    still_valid)
+        # A new id goes through the lookup group too, which reads it from nowhere: alone it
+        # goes at once, under load it gathers with the others (module docstring).
+        found = await self._look_up(path, new_id)
+        if found is not None:
+            return self._stored(json.loads(found), request_id, bound_to, decode, still_valid)
 
         async def commit(result: T) -> None:
             record = {"bound_to": bound_to, "owner": self._signer_id,
